@@ -1,0 +1,231 @@
+"""The `mnist-cnn` command: train and evaluate (`python -m mnist_cnn` is the same)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from mnist_cnn import __version__
+from mnist_cnn.config import TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, no traceback."""
+
+
+def _dropout(text: str) -> tuple[float, float]:
+    try:
+        p1, p2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two drop rates like 0.3,0.7, got {text!r}"
+        ) from None
+    if not (0 <= p1 < 1 and 0 <= p2 < 1):
+        raise argparse.ArgumentTypeError(f"drop rates must be in [0, 1), got {text!r}")
+    return p1, p2
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    return parse
+
+
+def _nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to compute (default: auto = cuda if available, else cpu)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder with the MNIST files (default: $MNIST_DATA_DIR, else "
+                        "~/.cache/mnist-cnn; missing files are downloaded and verified)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-cnn",
+        description="Train, evaluate and explain the reference MNIST CNN.",
+    )
+    parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    d = DEFAULTS
+    t = sub.add_parser(
+        "train", help="train the reference CNN and write a run folder",
+        description="Train the reference CNN with the default recipe and write a run folder: "
+        "model.safetensors, config.json, metrics.jsonl, report.json and four figures. "
+        "Checkpoints are saved after every epoch; Ctrl-C stops cleanly and --resume continues.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument("--epochs", type=_positive(int), default=d.epochs, help="epochs to train")
+    t.add_argument("--batch-size", type=_positive(int), default=d.batch_size,
+                   help="images per training step")
+    t.add_argument("--lr", type=_positive(float), default=d.lr,
+                   help="peak learning rate of Adam's one-cycle schedule")
+    t.add_argument("--seed", type=int, default=d.seed,
+                   help="seed for initialization, data order, rotations and dropout")
+    _add_common(t)
+    t.add_argument("--out", metavar="DIR", type=Path,
+                   help="run folder to write (default: a new folder under runs/)")
+    t.add_argument("--max-rotation", type=_nonnegative, default=d.max_rotation, metavar="DEG",
+                   help="random rotation uniform in ±DEG degrees")
+    t.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    t.add_argument("--dropout", type=_dropout, default=d.dropout, metavar="P1,P2",
+                   help="drop rates of the two dropout layers")
+    t.add_argument("--padding", choices=["same", "valid"], default=d.padding,
+                   help="convolution padding (the reference table leaves it open)")
+    t.add_argument("--ema", type=_nonnegative, default=d.ema, metavar="DECAY",
+                   help="decay of the weight moving average that is validated and saved "
+                        "(0 turns it off)")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+                   help="auto = bf16 autocast where the hardware runs it fast, else fp32")
+    t.add_argument("--train-subset", type=_positive(int), metavar="N",
+                   help="train on the first N training images only (quick trials, tests)")
+    t.add_argument("--resume", metavar="RUN_DIR", type=Path,
+                   help="continue an interrupted run with its saved settings")
+
+    e = sub.add_parser(
+        "evaluate", help="evaluate a run folder on the test set",
+        description="Rebuild the best model of a run folder and score it on the 10,000 test "
+        "images; writes report.json and the figures (same numbers as at the end of training).",
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a folder written by train")
+    _add_common(e)
+    e.add_argument("--out", metavar="DIR", type=Path,
+                   help="where to write report.json and figures (default: RUN_DIR)")
+    return parser
+
+
+def _new_run_dir() -> Path:
+    base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return dataclasses.replace(
+        DEFAULTS, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        max_rotation=args.max_rotation, augment=not args.no_augment,
+        dropout=tuple(args.dropout), padding=args.padding, ema=args.ema,
+        precision=args.precision, train_subset=args.train_subset,
+    )
+
+
+def _load_data(args: argparse.Namespace):
+    from mnist_cnn.data import load_mnist, resolve_data_dir
+
+    print(f"MNIST: {resolve_data_dir(args.data_dir)} (verifying checksums)", file=sys.stderr)
+    return load_mnist(args.data_dir, progress=sys.stderr.isatty())
+
+
+def _device(name: str):
+    from mnist_cnn.train import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mnist_cnn.evaluate import write_report
+    from mnist_cnn.model import count_params
+    from mnist_cnn.train import Interrupted, prepare_model, train
+
+    device = _device(args.device)
+    if args.resume:
+        run_dir = args.resume
+        if not (run_dir / "checkpoint.safetensors").is_file():
+            raise UserError(f"{run_dir} has no checkpoint.safetensors to resume from")
+        cfg = TrainConfig.load(run_dir / "config.json")
+    else:
+        cfg = _config_from_args(args)
+        run_dir = args.out or _new_run_dir()
+        if (run_dir / "checkpoint.safetensors").exists():
+            raise UserError(
+                f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
+                "or choose another --out"
+            )
+    data = _load_data(args)
+    params = count_params(prepare_model(cfg, device))
+    print(
+        f"Training {cfg.model} CNN ({params:,} parameters) on {device} for {cfg.epochs} epochs, "
+        f"batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed} → {run_dir}",
+        file=sys.stderr,
+    )
+    try:
+        history = train(cfg, run_dir, data, device, resume=bool(args.resume),
+                        progress=sys.stderr.isatty(), log=lambda s: print(s, flush=True))
+    except Interrupted as stop:
+        print(
+            f"\nInterrupted: {stop.epochs_done} finished epoch(s) are saved in {stop.run_dir}.\n"
+            f"Continue with: mnist-cnn train --resume {stop.run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    from mnist_cnn.evaluate import load_run
+
+    _, model = load_run(run_dir, device)
+    report = write_report(run_dir, run_dir, model, cfg, data, device, history)
+    _print_report(report, run_dir)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mnist_cnn.evaluate import load_run, write_report
+    device = _device(args.device)
+    try:
+        cfg, model = load_run(args.run_dir, device)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    data = _load_data(args)
+    out = args.out or args.run_dir
+    report = write_report(args.run_dir, out, model, cfg, data, device)
+    _print_report(report, out)
+    return 0
+
+
+def _print_report(report: dict, out: Path) -> None:
+    print(
+        f"test accuracy {100 * report['test_accuracy']:.2f}% "
+        f"({report['test_errors']} of 10,000 wrong), validation {100 * report['val_accuracy']:.2f}%"
+        f", best epoch {report['best_epoch']} of {report['epochs']}, "
+        f"{report['train_seconds']:.0f}s training\nwrote {out}/report.json and figures"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mnist_cnn.data import DataError
+
+    try:
+        return {"train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
+    except (UserError, DataError) as e:
+        print(f"mnist-cnn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130

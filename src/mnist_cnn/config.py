@@ -1,0 +1,62 @@
+"""One typed configuration for a run: it travels through the code and is saved as config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist_cnn import __version__
+
+
+@dataclass
+class TrainConfig:
+    # Model: the reference table; padding and dropout are the two things its text leaves open.
+    model: str = "reference"
+    padding: str = "same"
+    dropout: tuple[float, float] = (0.3, 0.7)  # drop rates of the two dropout layers
+    # Optimization: Adam with a one-cycle schedule (linear warm-up, then linear decay to 0).
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 2e-3  # peak learning rate
+    warmup: float = 0.2  # fraction of all steps spent warming up
+    weight_decay: float = 0.0
+    ema: float = 0.999  # decay of the weight average that is validated and saved (0: off)
+    label_smoothing: float = 0.0
+    # Augmentation: random rotation, uniform in ±max_rotation degrees.
+    augment: bool = True
+    max_rotation: float = 20.0
+    # Reproducibility and hardware.
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it fast)
+    train_subset: int | None = None  # use only the first N training images (tests, quick trials)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dropout"] = list(self.dropout)
+        d["version"] = __version__
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "dropout" in d:
+            d["dropout"] = tuple(d["dropout"])
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically: a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,100 @@
+"""Evaluation: test-set numbers of a trained model, as report.json and figures.
+
+`write_report` is used at the end of training and by `mnist-cnn evaluate`, so both write the same
+numbers from the same code: the model of the best validation epoch, scored on the 10,000 test
+images. The test set is only reported here, never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mnist_cnn import __version__, figures
+from mnist_cnn.config import TrainConfig, write_json
+from mnist_cnn.data import MNIST
+from mnist_cnn.model import count_params
+from mnist_cnn.train import (
+    load_weights,
+    loss_and_accuracy,
+    predict_proba,
+    prepare_model,
+    resolve_precision,
+)
+
+
+def load_run(run_dir: Path, device: torch.device) -> tuple[TrainConfig, nn.Module]:
+    """Rebuild the best model of a run folder from its config.json and model.safetensors."""
+    run_dir = Path(run_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{run_dir} is not a finished run folder: {name} is missing "
+                "(a run folder is what `mnist-cnn train --out DIR` writes)"
+            )
+    cfg = TrainConfig.load(run_dir / "config.json")
+    model = prepare_model(cfg, device)
+    load_weights(run_dir / "model.safetensors", model)
+    return cfg, model
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[10, 10] counts, rows = true label, columns = predicted label."""
+    return torch.bincount(labels * 10 + pred, minlength=100).reshape(10, 10)
+
+
+def build_report(
+    probs: torch.Tensor, labels: torch.Tensor, val_accuracy: float | None,
+    history: list[dict], params: int, extra: dict | None = None,
+) -> dict:
+    pred = probs.argmax(1)
+    cm = confusion_matrix(pred, labels)
+    per_class = (cm.diag().float() / cm.sum(1).clamp_min(1).float()).tolist()
+    test_loss, test_acc = loss_and_accuracy(probs, labels)
+    best = max(history, key=lambda h: h["val_accuracy"]) if history else {}
+    report = {
+        "test_accuracy": test_acc,
+        "test_errors": int((pred != labels).sum()),
+        "test_loss": test_loss,
+        "val_accuracy": val_accuracy,
+        "epochs": len(history),
+        "best_epoch": best.get("epoch"),
+        "train_seconds": round(sum(h["seconds"] for h in history), 2),
+        "params": params,
+        "per_class_accuracy": per_class,
+        "confusion_matrix": cm.tolist(),
+        "version": __version__,
+    }
+    return report | (extra or {})
+
+
+def write_report(
+    run_dir: Path, out_dir: Path, model: nn.Module, cfg: TrainConfig, data: MNIST,
+    device: torch.device, history: list[dict] | None = None,
+) -> dict:
+    """Score `model` on validation and test, write report.json and the four figures to out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    amp = resolve_precision(cfg.precision, device)
+    history = read_history(run_dir) if history is None else history
+    val_probs = predict_proba(model, data.val_images, device, amp)
+    probs = predict_proba(model, data.test_images, device, amp)
+    report = build_report(
+        probs, data.test_labels, loss_and_accuracy(val_probs, data.val_labels)[1],
+        history, count_params(model), {"seed": cfg.seed, "model": cfg.model},
+    )
+    write_json(out_dir / "report.json", report)
+    figures.write_all(
+        out_dir, data.test_images, data.test_labels, probs, history,
+        report["confusion_matrix"], cfg.seed,
+    )
+    return report

@@ -1,0 +1,59 @@
+"""The reference CNN, layer for layer as the reference project's table lays it out.
+
+    conv 32@3×3 → ReLU → maxpool 2 → conv 64@2×2 → ReLU → maxpool 2 → dropout
+    → dense 1024 → ReLU → dropout → dense 10 → softmax
+
+Padding: the table does not say. We use 'same' padding (the convention of TensorFlow's own MNIST
+layers tutorial, where a 3136-wide flatten feeds the dense layer): 28×28 → 14×14 → 7×7×64. For
+the even 2×2 kernel, 'same' means one extra row and column of zeros on the bottom/right, as
+TensorFlow does it; we pad explicitly (`ZeroPad2d`), which avoids PyTorch's padded-copy path.
+`padding="valid"` gives the other reading: 26 → 13 → 12 → 6, a 2304-wide flatten.
+
+The softmax is not a layer here: the model returns logits, the loss applies log-softmax
+(numerically safer), and `predict_proba` applies softmax for probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ReferenceCNN(nn.Module):
+    def __init__(self, dropout: tuple[float, float] = (0.3, 0.7), padding: str = "same") -> None:
+        super().__init__()
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', not {padding!r}")
+        same = padding == "same"
+        side = 7 if same else 6
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=3, padding=1 if same else 0),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.ZeroPad2d((0, 1, 0, 1)) if same else nn.Identity(),
+            nn.Conv2d(32, 64, kernel_size=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout[0]),
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 1024),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout[1]),
+            nn.Linear(1024, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized images [N, 1, 28, 28] → logits [N, 10]."""
+        return self.classifier(self.features(x))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(name: str = "reference", **kwargs) -> nn.Module:
+    if name == "reference":
+        return ReferenceCNN(**kwargs)
+    raise ValueError(f"unknown model {name!r}")

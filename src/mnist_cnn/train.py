@@ -1,0 +1,293 @@
+"""Training: one loop over in-memory batches, an EMA of the weights, atomic per-epoch checkpoints.
+
+A run folder holds everything about a run:
+    config.json                 the TrainConfig (enough to rebuild and re-run)
+    metrics.jsonl               one line per finished epoch
+    checkpoint.safetensors      the last finished epoch: weights, EMA, optimizer state (resume)
+    model.safetensors           the weights of the best epoch by validation accuracy
+    report.json + figures       written at the end by `evaluate.write_report`
+Every file is replaced atomically, so a run killed at any moment loses at most the current epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from mnist_cnn.augment import random_rotation
+from mnist_cnn.config import TrainConfig
+from mnist_cnn.data import MNIST, normalize
+from mnist_cnn.model import build_model
+
+
+# --------------------------------------------------------------------------- hardware
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 matmuls natively (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a run, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r} (use auto, fp32 or bf16)")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    """Mixed precision when `amp` is a dtype, plain fp32 when it is None."""
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def prepare_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    model = build_model(cfg.model, dropout=tuple(cfg.dropout), padding=cfg.padding)
+    # channels-last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- evaluation helpers
+@torch.inference_mode()
+def predict_proba(
+    model: nn.Module, images: torch.Tensor, device: torch.device,
+    amp: torch.dtype | None = None, batch_size: int = 1000,
+) -> torch.Tensor:
+    """Softmax probabilities [N, 10] (float32, CPU) for uint8 images [N, 28, 28]."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size].to(device)).contiguous(
+            memory_format=torch.channels_last
+        )
+        with autocast(device, amp):
+            logits = model(x)
+        out.append(logits.float().softmax(1).cpu())
+    return torch.cat(out)
+
+
+def loss_and_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    return loss, (probs.argmax(1) == labels).float().mean().item()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_weights(path: Path, model: nn.Module, metadata: dict | None = None) -> None:
+    """Save a state dict as safetensors (no pickle), atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_save(tensors, path, metadata)
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    model.load_state_dict(load_file(str(path)))
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors |= {f"ema.{k}": v.detach().cpu() for k, v in ema.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+    state = state | {"param_groups": opt["param_groups"]}
+    _atomic_save({k: v.contiguous() for k, v in tensors.items()}, path, {"state": state})
+
+
+def _load_checkpoint(path: Path, model, ema, optimizer, device) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+    tensors = load_file(str(path), device=str(device))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    opt_state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[key] = v.cpu() if key == "step" else v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    return state
+
+
+# --------------------------------------------------------------------------- training
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """One-cycle: linear warm-up from lr/10 to lr, then linear decay to 0 at the last step."""
+    warm = max(1, int(total * cfg.warmup))
+    if step < warm:
+        return cfg.lr * (0.1 + 0.9 * step / warm)
+    return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Each epoch has its own seed for data order, rotations and dropout, so a resumed run
+    continues exactly as if it had never stopped."""
+    return seed * 1_000_003 + epoch
+
+
+@dataclass
+class Interrupted(Exception):
+    """Raised on Ctrl-C after the last finished epoch is safely on disk."""
+
+    run_dir: Path
+    epochs_done: int
+
+
+def train(
+    cfg: TrainConfig, run_dir: Path, data: MNIST, device: torch.device,
+    resume: bool = False, progress: bool = True, log=print,
+) -> list[dict]:
+    """Train (or resume) a run in `run_dir`; return the metrics history, one dict per epoch."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    amp = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)  # initialization
+    model = prepare_model(cfg, device)
+    ema = copy.deepcopy(model) if cfg.ema > 0 else None
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        foreach=True,
+    )
+
+    train_x, train_y = data.train_images, data.train_labels
+    if cfg.train_subset:
+        train_x, train_y = train_x[: cfg.train_subset], train_y[: cfg.train_subset]
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    n = len(train_x)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    metrics_path = run_dir / "metrics.jsonl"
+    ckpt_path = run_dir / "checkpoint.safetensors"
+    history: list[dict] = []
+    state = {"epoch": 0, "step": 0, "best_val": -1.0, "best_epoch": 0, "train_seconds": 0.0}
+    if resume:
+        state = _load_checkpoint(ckpt_path, model, ema, optimizer, device)
+        # Keep the metrics of finished epochs only (a line may be newer than the checkpoint).
+        if metrics_path.exists():
+            lines = metrics_path.read_text().splitlines()
+            history = [json.loads(s) for s in lines if s.strip()][: state["epoch"]]
+        log(f"Resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
+    else:
+        cfg.save(run_dir / "config.json")
+    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    step = state["step"]
+    try:
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            seed = epoch_seed(cfg.seed, epoch)
+            gen = torch.Generator().manual_seed(seed)
+            torch.manual_seed(seed)  # dropout masks
+            order = torch.randperm(n, generator=gen).to(device)
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            bar = tqdm(
+                range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                disable=not progress, unit="batch", dynamic_ncols=True,
+            )
+            for i in bar:
+                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                x = train_x[idx].unsqueeze(1).float().div_(255.0)
+                if cfg.augment:
+                    x = random_rotation(x, cfg.max_rotation, gen)
+                x = normalize(x).contiguous(memory_format=torch.channels_last)
+                y = train_y[idx]
+                lr = lr_at(step, total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast(device, amp):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if ema is not None:
+                    # Warm the average up: early on, trust the recent weights more.
+                    d = min(cfg.ema, (1 + step) / (10 + step))
+                    with torch.no_grad():
+                        torch._foreach_lerp_(
+                            list(ema.parameters()), list(model.parameters()), 1 - d
+                        )
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.argmax(1) == y).sum()
+                if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
+                    seen = min(n, (i + 1) * cfg.batch_size)
+                    bar.set_postfix(
+                        loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}"
+                    )
+            bar.close()
+            train_seconds = time.perf_counter() - t0
+            evaluated = ema if ema is not None else model
+            probs = predict_proba(evaluated, data.val_images, device, amp)
+            val_loss, val_acc = loss_and_accuracy(probs, data.val_labels)
+            row = {
+                "epoch": epoch,
+                "train_loss": loss_sum.item() / n,
+                "train_accuracy": correct.item() / n,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": lr,
+                "seconds": time.perf_counter() - t0,
+                "train_seconds": train_seconds,
+            }
+            history.append(row)
+            state["train_seconds"] += row["seconds"]
+            if val_acc > state["best_val"]:
+                state["best_val"], state["best_epoch"] = val_acc, epoch
+                save_weights(
+                    run_dir / "model.safetensors", evaluated,
+                    {"epoch": epoch, "val_accuracy": val_acc},
+                )
+            # Metrics first, then the checkpoint: on resume, lines past the checkpoint are dropped.
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            state |= {"epoch": epoch, "step": step}
+            _save_checkpoint(ckpt_path, model, ema, optimizer, dict(state))
+            log(
+                f"epoch {epoch:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
+                f"acc {row['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
+                f"{' *' if state['best_epoch'] == epoch else '  '} | lr {lr:.2e} | "
+                f"{row['seconds']:.1f}s"
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir, len(history)) from None
+    return history

@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mnist_cnn.cli import main
+
+RUN_FILES = [
+    "model.safetensors", "config.json", "metrics.jsonl", "report.json", "random_results.png",
+    "wrong_results.png", "confusion_matrix.png", "training_curves.png",
+]
+
+
+def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    args = ["--data-dir", str(data_dir)]
+    assert main(["train", "--epochs", "2", "--train-subset", "2000", "--batch-size", "128",
+                 "--out", str(run), *args]) == 0
+    for name in RUN_FILES:
+        assert (run / name).stat().st_size > 0, name
+    report = json.loads((run / "report.json").read_text())
+    for key in ("test_accuracy", "test_errors", "val_accuracy", "epochs", "train_seconds",
+                "params", "per_class_accuracy", "confusion_matrix"):
+        assert key in report
+    assert report["epochs"] == 2 and report["params"] == 3_231_114
+    assert 0.8 < report["test_accuracy"] <= 1
+    assert report["test_errors"] == round((1 - report["test_accuracy"]) * 10_000)
+    assert sum(map(sum, report["confusion_matrix"])) == 10_000
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 2 and config["seed"] == 0 and "version" in config
+    metrics = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"} <= set(
+        metrics[0]
+    )
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), "--out", str(out), *args]) == 0
+    again = json.loads((out / "report.json").read_text())
+    for key in ("test_accuracy", "test_errors", "val_accuracy", "confusion_matrix", "epochs"):
+        assert again[key] == report[key], key
+    for name in RUN_FILES[4:]:
+        assert (out / name).exists()
+
+    # A second train into the same folder is refused with a hint, not overwritten.
+    assert main(["train", "--epochs", "1", "--out", str(run), *args]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "/nonexistent/run"], "not a finished run folder"),
+        (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
+        (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
+    ],
+)
+def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    from mnist_cnn import data
+
+    monkeypatch.setattr(data, "MIRRORS", ())  # offline: never reach out
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_clear_error(capsys):
+    assert main(["evaluate", "x", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--dropout", "0.3"], ["--dropout", "1.5,0.3"], ["--epochs", "0"]])
+def test_bad_flags_are_rejected_by_the_parser(bad, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *bad])
+    assert exit_.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_python_dash_m_help():
+    out = subprocess.run([sys.executable, "-m", "mnist_cnn", "train", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--max-rotation" in out and "--resume" in out

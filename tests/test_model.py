@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from mnist_cnn.augment import random_rotation, rotate, sample_angles
+from mnist_cnn.model import ReferenceCNN, count_params
+
+
+@pytest.mark.parametrize("padding,params", [("same", 3_231_114), ("valid", 2_379_146)])
+def test_output_shape_and_params(padding, params):
+    model = ReferenceCNN(padding=padding)
+    assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+    # conv1 320 + conv2 8,256 + dense (flatten × 1024 + 1024) + dense 10,250
+    assert count_params(model) == params
+
+
+def test_dropout_rates_are_used():
+    model = ReferenceCNN(dropout=(0.7, 0.3))
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates == [0.7, 0.3]
+
+
+def test_rotation_by_zero_is_identity():
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(rotate(x, torch.zeros(4)), x, atol=1e-5, rtol=0)
+
+
+def test_rotation_by_90_degrees_turns_the_image():
+    x = torch.rand(2, 1, 28, 28)
+    turned = rotate(x, torch.full((2,), 90.0))
+    torch.testing.assert_close(turned, torch.rot90(x, 1, dims=(2, 3)), atol=1e-5, rtol=0)
+
+
+def test_angles_stay_within_bounds_and_cover_them():
+    angles = sample_angles(100_000, 20.0, torch.Generator().manual_seed(0))
+    assert angles.abs().max() <= 20.0
+    assert angles.min() < -19.9 and angles.max() > 19.9
+    assert abs(angles.mean()) < 0.2
+
+
+def test_random_rotation_is_reproducible_and_varies():
+    x = torch.rand(8, 1, 28, 28)
+    a = random_rotation(x, 20, torch.Generator().manual_seed(1))
+    b = random_rotation(x, 20, torch.Generator().manual_seed(1))
+    c = random_rotation(x, 20, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert torch.equal(random_rotation(x, 0, torch.Generator()), x)
