@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,21 @@ def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "mnist_cnn", "train", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--max-rotation" in out and "--resume" in out
+
+
+def test_torchrun_two_cpu_processes(tmp_path, data_dir):
+    # Data-parallel training as users launch it: torchrun, 2 processes, gloo on CPU.
+    script = Path(sys.executable).with_name("mnist-cnn")
+    run = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--standalone", "--no-python", str(script), "train", "--epochs", "2",
+         "--train-subset", "3000", "--batch-size", "128", "--precision", "fp32",
+         "--data-dir", str(data_dir), "--out", str(run)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "× 2 processes" in proc.stderr
+    assert proc.stdout.count("epoch   1/2") == 1  # only rank 0 prints
+    report = json.loads((run / "report.json").read_text())
+    assert report["epochs"] == 2 and report["test_accuracy"] > 0.85

@@ -113,6 +113,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e.add_argument("--out", metavar="DIR", type=Path,
                    help="where to write report.json and figures (default: RUN_DIR)")
+    pr = sub.add_parser(
+        "predict", help="classify digits in image files",
+        description="Classify the digit in each image (PNG, JPEG, BMP, GIF, WebP; any size, "
+        "colour or grayscale, dark ink on light paper or light on dark). Each image is turned "
+        "into a 28×28 MNIST-style image first. Prints the top 3 digits per file. Exits 1 if "
+        "any file could not be classified (the others still are).",
+    )
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    pr.add_argument("--checkpoint", metavar="RUN_DIR", type=Path,
+                    help="a run folder to use (default: the model shipped with the package)")
+    pr.add_argument("--json", action="store_true",
+                    help='one JSON object per line and file: {"file", "prediction", '
+                         '"probabilities"} or {"file", "error"}')
+    pr.add_argument("--save-preprocessed", metavar="DIR", type=Path,
+                    help="write the 28×28 images the model saw into DIR")
+    pr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                    help="where to compute")
+    sv = sub.add_parser(
+        "serve", help="web page to draw a digit on, and a JSON API",
+        description="Serve a page with a canvas to draw a digit on (prediction updated as you "
+        "draw) and POST /api/predict (multipart field `image`); OpenAPI schema at /openapi.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (loopback: only this machine can connect)")
+    sv.add_argument("--port", type=_positive(int), default=8000, help="port to listen on")
+    sv.add_argument("--checkpoint", metavar="RUN_DIR", type=Path,
+                    help="a run folder to use (default: the model shipped with the package)")
+    sv.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                    help="where to compute")
     return parser
 
 
@@ -134,11 +164,12 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _load_data(args: argparse.Namespace):
+def _load_data(args: argparse.Namespace, quiet: bool = False):
     from mnist_cnn.data import load_mnist, resolve_data_dir
 
-    print(f"MNIST: {resolve_data_dir(args.data_dir)} (verifying checksums)", file=sys.stderr)
-    return load_mnist(args.data_dir, progress=sys.stderr.isatty())
+    if not quiet:
+        print(f"MNIST: {resolve_data_dir(args.data_dir)} (verifying checksums)", file=sys.stderr)
+    return load_mnist(args.data_dir, progress=sys.stderr.isatty() and not quiet)
 
 
 def _device(name: str):
@@ -151,11 +182,13 @@ def _device(name: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mnist_cnn.evaluate import write_report
+    from mnist_cnn.evaluate import load_run, write_report
     from mnist_cnn.model import count_params
-    from mnist_cnn.train import Interrupted, prepare_model, train
+    from mnist_cnn.train import Interrupted, distributed_setup, prepare_model, train
 
-    device = _device(args.device)
+    # Under `torchrun --nproc-per-node N --no-python mnist-cnn train ...` this joins the group.
+    dist, device_name = distributed_setup(args.device)
+    device = _device(device_name)
     if args.resume:
         run_dir = args.resume
         if not (run_dir / "checkpoint.safetensors").is_file():
@@ -164,33 +197,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _config_from_args(args)
         run_dir = args.out or _new_run_dir()
+        if dist.world > 1:  # every rank must write to rank 0's folder
+            import torch.distributed as tdist
+
+            shared = [run_dir]
+            tdist.broadcast_object_list(shared, src=0)
+            run_dir = shared[0]
         if (run_dir / "checkpoint.safetensors").exists():
             raise UserError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "or choose another --out"
             )
-    data = _load_data(args)
+    say = print if dist.main else (lambda *a, **k: None)
+    data = _load_data(args) if dist.main else _load_data(args, quiet=True)
     params = count_params(prepare_model(cfg, device))
-    print(
-        f"Training {cfg.model} CNN ({params:,} parameters) on {device} for {cfg.epochs} epochs, "
+    say(
+        f"Training {cfg.model} CNN ({params:,} parameters) on {device}"
+        f"{f' × {dist.world} processes' if dist.world > 1 else ''} for {cfg.epochs} epochs, "
         f"batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed} → {run_dir}",
         file=sys.stderr,
     )
     try:
         history = train(cfg, run_dir, data, device, resume=bool(args.resume),
-                        progress=sys.stderr.isatty(), log=lambda s: print(s, flush=True))
+                        progress=sys.stderr.isatty(), log=lambda s: say(s, flush=True), dist=dist)
     except Interrupted as stop:
-        print(
+        say(
             f"\nInterrupted: {stop.epochs_done} finished epoch(s) are saved in {stop.run_dir}.\n"
             f"Continue with: mnist-cnn train --resume {stop.run_dir}",
             file=sys.stderr,
         )
         return 130
-    from mnist_cnn.evaluate import load_run
+    if dist.main:
+        _, model = load_run(run_dir, device)
+        report = write_report(run_dir, run_dir, model, cfg, data, device, history)
+        _print_report(report, run_dir)
+    if dist.world > 1:
+        import torch.distributed as tdist
 
-    _, model = load_run(run_dir, device)
-    report = write_report(run_dir, run_dir, model, cfg, data, device, history)
-    _print_report(report, run_dir)
+        tdist.barrier()
+        tdist.destroy_process_group()
     return 0
 
 
@@ -208,6 +253,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from PIL import Image
+
+    from mnist_cnn.predict import predict_files
+
+    results = predict_files(_classifier(args), args.images)
+    if args.save_preprocessed:
+        args.save_preprocessed.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        if args.json:
+            print(json.dumps(r.to_json()), flush=True)
+        elif r.error:
+            print(f"{r.name}: error: {r.error}", file=sys.stderr)
+        else:
+            top = sorted(range(10), key=lambda k: -r.probabilities[k])[:3]
+            ranked = "  ".join(f"{k} {100 * r.probabilities[k]:5.1f}%" for k in top)
+            print(f"{r.name}: {r.label}   ({ranked})")
+        if args.save_preprocessed and r.image is not None:
+            Image.fromarray(r.image).save(args.save_preprocessed / f"{Path(r.name).stem}.png")
+    return 1 if any(r.error for r in results) else 0
+
+
+def _classifier(args: argparse.Namespace):
+    from mnist_cnn.predict import Classifier
+
+    try:
+        return Classifier.load(args.checkpoint, _device(args.device))
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mnist_cnn.serve import run
+
+    classifier = _classifier(args)
+    print(f"Serving on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    run(classifier, args.host, args.port)
+    return 0
+
+
 def _print_report(report: dict, out: Path) -> None:
     print(
         f"test accuracy {100 * report['test_accuracy']:.2f}% "
@@ -222,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     from mnist_cnn.data import DataError
 
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                    "serve": cmd_serve}
+        return commands[args.command](args)
     except (UserError, DataError) as e:
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 2

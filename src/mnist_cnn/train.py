@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from mnist_cnn.augment import random_rotation
+from mnist_cnn.augment import rotate, sample_angles
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import MNIST, normalize
 from mnist_cnn.model import build_model
@@ -35,9 +35,9 @@ from mnist_cnn.model import build_model
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
-    if name not in ("cpu", "cuda"):
+    if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)")
     return torch.device(name)
 
@@ -170,20 +170,68 @@ class Interrupted(Exception):
     epochs_done: int
 
 
+@dataclass
+class Dist:
+    """This process's place in a torchrun launch (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_setup(device_name: str) -> tuple[Dist, str]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on
+    CUDA, one GPU per process. Returns this process's place and the device it should use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device_name
+    import torch.distributed as tdist
+
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device_name = f"cuda:{local}"
+    else:
+        device_name = "cpu"
+        # Each process gets its share of the cores instead of all of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(tdist.get_rank(), tdist.get_world_size()), device_name
+
+
 def train(
     cfg: TrainConfig, run_dir: Path, data: MNIST, device: torch.device,
-    resume: bool = False, progress: bool = True, log=print,
+    resume: bool = False, progress: bool = True, log=print, dist: Dist | None = None,
+    on_epoch_end=None,
 ) -> list[dict]:
-    """Train (or resume) a run in `run_dir`; return the metrics history, one dict per epoch."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train (or resume) a run in `run_dir`; return the metrics history, one dict per epoch.
+
+    Under torchrun (`dist.world > 1`) every process walks the same shuffled order and the same
+    rotations, and takes its own slice of each global batch of `cfg.batch_size` images;
+    DistributedDataParallel averages the gradients, so the step equals the single-process one.
+    Only rank 0 validates, writes files and prints. `on_epoch_end(epoch, model)` is called on
+    rank 0 after each epoch with the model that is validated (used by the benchmark).
+    """
+    dist = dist or Dist()
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     amp = resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)  # initialization
+    torch.manual_seed(cfg.seed)  # initialization: the same on every rank
     model = prepare_model(cfg, device)
     ema = copy.deepcopy(model) if cfg.ema > 0 else None
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-        foreach=True,
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
     )
+    net = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     train_x, train_y = data.train_images, data.train_labels
     if cfg.train_subset:
@@ -204,9 +252,11 @@ def train(
             lines = metrics_path.read_text().splitlines()
             history = [json.loads(s) for s in lines if s.strip()][: state["epoch"]]
         log(f"Resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
-    else:
+    elif dist.main:
         cfg.save(run_dir / "config.json")
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    if dist.main:
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    progress = progress and dist.main
 
     step = state["step"]
     try:
@@ -214,9 +264,9 @@ def train(
             t0 = time.perf_counter()
             seed = epoch_seed(cfg.seed, epoch)
             gen = torch.Generator().manual_seed(seed)
-            torch.manual_seed(seed)  # dropout masks
+            torch.manual_seed(seed + dist.rank)  # dropout masks
             order = torch.randperm(n, generator=gen).to(device)
-            model.train()
+            net.train()
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             bar = tqdm(
@@ -225,16 +275,21 @@ def train(
             )
             for i in bar:
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                # Angles are drawn for the whole global batch, so every rank stays in step.
+                angles = sample_angles(len(idx), cfg.max_rotation, gen) if cfg.augment else None
+                if dist.world > 1:
+                    idx = idx[dist.rank :: dist.world]
+                    angles = angles[dist.rank :: dist.world] if angles is not None else None
                 x = train_x[idx].unsqueeze(1).float().div_(255.0)
-                if cfg.augment:
-                    x = random_rotation(x, cfg.max_rotation, gen)
+                if angles is not None and cfg.max_rotation > 0:
+                    x = rotate(x, angles.to(device))
                 x = normalize(x).contiguous(memory_format=torch.channels_last)
                 y = train_y[idx]
                 lr = lr_at(step, total_steps, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast(device, amp):
-                    logits = model(x)
+                    logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -250,12 +305,19 @@ def train(
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.argmax(1) == y).sum()
                 if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
-                    seen = min(n, (i + 1) * cfg.batch_size)
+                    seen = min(n, (i + 1) * cfg.batch_size) / dist.world
                     bar.set_postfix(
                         loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}"
                     )
             bar.close()
+            if dist.world > 1:
+                import torch.distributed as tdist
+
+                tdist.all_reduce(loss_sum)
+                tdist.all_reduce(correct)
             train_seconds = time.perf_counter() - t0
+            if not dist.main:
+                continue
             evaluated = ema if ema is not None else model
             probs = predict_proba(evaluated, data.val_images, device, amp)
             val_loss, val_acc = loss_and_accuracy(probs, data.val_labels)
@@ -288,6 +350,8 @@ def train(
                 f"{' *' if state['best_epoch'] == epoch else '  '} | lr {lr:.2e} | "
                 f"{row['seconds']:.1f}s"
             )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, evaluated)
     except KeyboardInterrupt:
         raise Interrupted(run_dir, len(history)) from None
     return history

@@ -1,0 +1,96 @@
+"""`mnist-cnn serve`: a page to draw a digit on, and a JSON API, on FastAPI.
+
+    GET  /              the drawing page (static/index.html)
+    POST /api/predict   multipart field `image` → {"prediction": 7, "probabilities": [10 floats]}
+    GET  /api/health    {"status": "ok"}
+    GET  /openapi.json  the API's OpenAPI schema (FastAPI writes it from the code below)
+
+Bad input gets a 4xx JSON error ({"detail": "..."}), never a 500: uploads are capped in bytes
+before they are read, images in pixels before they are decoded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from mnist_cnn import __version__
+from mnist_cnn.predict import Classifier
+from mnist_cnn.preprocess import ImageError, load_image, to_gray, to_mnist
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_UPLOAD_BYTES = 2 * 1024 * 1024
+MAX_SIDE = 4096  # pixels, either side
+IMAGE_HELP = ("PNG, JPEG, BMP, GIF or WebP; dark ink on light paper or light on dark; "
+              "at most 2 MB and 4096 px a side")
+
+
+class PredictionOut(BaseModel):
+    prediction: int = Field(description="the most probable digit", ge=0, le=9)
+    probabilities: list[float] = Field(description="probability of each digit 0–9",
+                                       min_length=10, max_length=10)
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def create_app(classifier: Classifier) -> FastAPI:
+    app = FastAPI(
+        title="mnist-cnn",
+        version=__version__,
+        description="Classify a handwritten digit. Draw one at `/`, or POST an image to "
+        "`/api/predict`.",
+    )
+
+    @app.middleware("http")
+    async def limit_upload_size(request: Request, call_next):
+        # Refuse oversized bodies before anything reads them.
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_UPLOAD_BYTES + 4096):
+            return JSONResponse(
+                {"detail": f"upload too large (limit {MAX_UPLOAD_BYTES:,} bytes)"}, status_code=413
+            )
+        return await call_next(request)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/health")
+    def health() -> dict:
+        return {"status": "ok", "version": __version__}
+
+    @app.post(
+        "/api/predict",
+        response_model=PredictionOut,
+        responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+        summary="Classify the digit in an image",
+    )
+    def predict(image: Annotated[UploadFile, File(description=IMAGE_HELP)]) -> PredictionOut:
+        data = image.file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"upload too large (limit {MAX_UPLOAD_BYTES:,} bytes)")
+        try:
+            picture = load_image(data)
+            if max(picture.size) > MAX_SIDE:
+                raise ImageError(f"image is {picture.size[0]}×{picture.size[1]} pixels; "
+                                 f"the limit is {MAX_SIDE} a side")
+            digit = to_mnist(to_gray(picture))
+        except ImageError as e:
+            raise HTTPException(400, str(e)) from None
+        probs = classifier.probabilities(digit[None])[0]
+        return PredictionOut(prediction=int(probs.argmax()),
+                             probabilities=[round(float(p), 6) for p in probs])
+
+    return app
+
+
+def run(classifier: Classifier, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(classifier), host=host, port=port, log_level="info")

@@ -1,0 +1,178 @@
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from mnist_cnn import serve
+from mnist_cnn.predict import Classifier
+
+
+def png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def app():
+    return serve.create_app(Classifier.load())
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return TestClient(app)
+
+
+@pytest.fixture(scope="module")
+def seven(mnist) -> bytes:
+    return png(255 - mnist.test_images[0].numpy())  # test image 0 is a 7
+
+
+def test_predict_good_image(client, seven):
+    r = client.post("/api/predict", files={"image": ("seven.png", seven, "image/png")})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["prediction"] == 7
+    assert len(body["probabilities"]) == 10 and abs(sum(body["probabilities"]) - 1) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "files, status, message",
+    [
+        ({"image": ("x.png", b"not an image", "image/png")}, 400, "not an image"),
+        ({"image": ("x.png", b"", "image/png")}, 400, "empty"),
+        ({"image": ("x.png", png(np.full((40, 40), 255, np.uint8)), "image/png")}, 400, "no ink"),
+        ({"picture": ("x.png", b"abc", "image/png")}, 422, ""),
+        ({"image": ("x.png", png(np.zeros((4100, 10), np.uint8)), "image/png")}, 400,
+         "limit is 4096"),
+    ],
+)
+def test_bad_input_gets_a_4xx_json_error(client, files, status, message):
+    r = client.post("/api/predict", files=files)
+    assert r.status_code == status
+    assert message in json.dumps(r.json()["detail"])
+
+
+def test_upload_size_limit(client):
+    big = b"\0" * (serve.MAX_UPLOAD_BYTES + 10_000)
+    r = client.post("/api/predict", files={"image": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+
+def test_not_multipart_is_a_4xx(client):
+    r = client.post("/api/predict", content=b"raw bytes", headers={"content-type": "image/png"})
+    assert 400 <= r.status_code < 500
+
+
+def test_page_and_schema(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    schema = client.get("/openapi.json").json()
+    op = schema["paths"]["/api/predict"]["post"]
+    assert "multipart/form-data" in op["requestBody"]["content"]
+    assert client.get("/api/health").json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    """The real server on a free loopback port, in a thread."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def _multipart(data: bytes) -> tuple[bytes, str]:
+    boundary = "mnistcnnboundary"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"d.png\"\r\n"
+        "Content-Type: image/png\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_load_500_requests_8_at_a_time(server, seven):
+    body, ctype = _multipart(seven)
+
+    def one(_):
+        req = urllib.request.Request(f"{server}/api/predict", data=body,
+                                     headers={"Content-Type": ctype})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            ok = resp.status == 200 and json.loads(resp.read())["prediction"] == 7
+        return ok, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(500)))
+    wall = time.perf_counter() - t0
+    assert all(ok for ok, _ in results), "some requests failed"
+    ms = sorted(1000 * t for _, t in results)
+    p50, p99 = statistics.median(ms), ms[int(0.99 * len(ms)) - 1]
+    print(f"\nload test: 500 requests, 8 concurrent, 0 errors, p50 {p50:.1f} ms, "
+          f"p99 {p99:.1f} ms, {500 / wall:.0f} requests/s")
+
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def test_draw_a_digit_in_a_real_browser(server, tmp_path):
+    if not (CHROMIUM and DRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium and chromium-driver (see .ci/run)")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=900,700",
+                "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(DRIVER))
+    try:
+        driver.get(server + "/")
+        pad = driver.find_element(By.ID, "pad")
+        # A "7": a top bar from left to right, then a stroke down to the lower left.
+        # Offsets are from the canvas centre (280 × 280 px).
+        actions = ActionChains(driver, duration=20)
+        actions.move_to_element_with_offset(pad, -70, -90).click_and_hold()
+        for x in range(-50, 71, 20):
+            actions.move_to_element_with_offset(pad, x, -90)
+        for k in range(1, 10):
+            actions.move_to_element_with_offset(pad, 70 - 9 * k, -90 + 20 * k)
+        actions.release().perform()
+        label = driver.find_element(By.ID, "digit")
+        WebDriverWait(driver, 20).until(lambda d: label.text.strip() not in ("", "–"))
+        time.sleep(0.5)  # let the last request of the stroke land
+        assert label.text.strip() == "7"
+        shot = Path(os.environ.get("MNIST_CNN_SCREENSHOT", tmp_path / "serve.png"))
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+    finally:
+        driver.quit()
