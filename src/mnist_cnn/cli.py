@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mnist_cnn import __version__
-from mnist_cnn.config import TrainConfig
+from mnist_cnn.config import FAST, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -75,32 +75,39 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the reference CNN with the default recipe and write a run folder: "
         "model.safetensors, config.json, metrics.jsonl, report.json and four figures. "
         "Checkpoints are saved after every epoch; Ctrl-C stops cleanly and --resume continues.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    t.add_argument("--epochs", type=_positive(int), default=d.epochs, help="epochs to train")
-    t.add_argument("--batch-size", type=_positive(int), default=d.batch_size,
-                   help="images per training step")
-    t.add_argument("--lr", type=_positive(float), default=d.lr,
-                   help="peak learning rate of Adam's one-cycle schedule")
-    t.add_argument("--seed", type=int, default=d.seed,
-                   help="seed for initialization, data order, rotations and dropout")
+    # Recipe flags default to None: unset ones take the value of the recipe (defaults or --fast).
+    t.add_argument("--epochs", type=_positive(int), help=f"epochs to train (default: {d.epochs})")
+    t.add_argument("--batch-size", type=_positive(int),
+                   help=f"images per training step (default: {d.batch_size})")
+    t.add_argument("--lr", type=_positive(float),
+                   help=f"peak learning rate of Adam's one-cycle schedule (default: {d.lr})")
+    t.add_argument("--seed", type=int,
+                   help=f"seed for initialization, data order, rotations and dropout "
+                        f"(default: {d.seed})")
     _add_common(t)
     t.add_argument("--out", metavar="DIR", type=Path,
                    help="run folder to write (default: a new folder under runs/)")
-    t.add_argument("--max-rotation", type=_nonnegative, default=d.max_rotation, metavar="DEG",
-                   help="random rotation uniform in ±DEG degrees")
+    t.add_argument("--max-rotation", type=_nonnegative, metavar="DEG",
+                   help=f"random rotation uniform in ±DEG degrees (default: {d.max_rotation:g})")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    t.add_argument("--dropout", type=_dropout, default=d.dropout, metavar="P1,P2",
-                   help="drop rates of the two dropout layers")
-    t.add_argument("--padding", choices=["same", "valid"], default=d.padding,
-                   help="convolution padding (the reference table leaves it open)")
-    t.add_argument("--ema", type=_nonnegative, default=d.ema, metavar="DECAY",
-                   help="decay of the weight moving average that is validated and saved "
-                        "(0 turns it off)")
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
-                   help="auto = bf16 autocast where the hardware runs it fast, else fp32")
+    t.add_argument("--dropout", type=_dropout, metavar="P1,P2",
+                   help="drop rates of the two dropout layers "
+                        f"(default: {d.dropout[0]:g},{d.dropout[1]:g})")
+    t.add_argument("--padding", choices=["same", "valid"],
+                   help=f"convolution padding; the reference table leaves it open "
+                        f"(default: {d.padding})")
+    t.add_argument("--ema", type=_nonnegative, metavar="DECAY",
+                   help="decay of the weight moving average that is validated and saved; "
+                        f"0 turns it off (default: {d.ema})")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast where the hardware runs it fast, else fp32 "
+                        f"(default: {d.precision})")
     t.add_argument("--train-subset", type=_positive(int), metavar="N",
                    help="train on the first N training images only (quick trials, tests)")
+    t.add_argument("--fast", action="store_true",
+                   help=f"the time-to-99%% recipe ({FAST.epochs} epochs, batch "
+                        f"{FAST.batch_size}, lr {FAST.lr}, no EMA); other flags still apply")
     t.add_argument("--resume", metavar="RUN_DIR", type=Path,
                    help="continue an interrupted run with its saved settings")
 
@@ -130,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the 28×28 images the model saw into DIR")
     pr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                     help="where to compute")
+    b = sub.add_parser(
+        "bench", help="measure training and inference speed against a PyTorch baseline",
+        description="Measure, in one run on this machine: training throughput, one epoch's time, "
+        "inference throughput at batch 1000, single-image latency, the matmul rate and the "
+        "model's FLOPs, and time to 99.0%%/99.5%% test accuracy; the same for a tutorial-style "
+        "eager fp32 DataLoader baseline. Prints a table; --json writes the numbers.",
+    )
+    b.add_argument("--json", metavar="FILE", type=Path, help="write the results as JSON")
+    b.add_argument("--quick", action="store_true",
+                   help="a reduced run (under a minute) without time-to-accuracy")
+    _add_common(b)
+
     sv = sub.add_parser(
         "serve", help="web page to draw a digit on, and a JSON API",
         description="Serve a page with a canvas to draw a digit on (prediction updated as you "
@@ -156,12 +175,19 @@ def _new_run_dir() -> Path:
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return dataclasses.replace(
-        DEFAULTS, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        max_rotation=args.max_rotation, augment=not args.no_augment,
-        dropout=tuple(args.dropout), padding=args.padding, ema=args.ema,
-        precision=args.precision, train_subset=args.train_subset,
-    )
+    """The recipe (defaults, or --fast) with every flag the user gave applied on top."""
+    base = FAST if args.fast else DEFAULTS
+    given = {
+        name: getattr(args, name)
+        for name in ("epochs", "batch_size", "lr", "seed", "max_rotation", "padding", "ema",
+                     "precision", "train_subset")
+        if getattr(args, name) is not None
+    }
+    if args.dropout is not None:
+        given["dropout"] = tuple(args.dropout)
+    if args.no_augment:
+        given["augment"] = False
+    return dataclasses.replace(base, **given)
 
 
 def _load_data(args: argparse.Namespace, quiet: bool = False):
@@ -295,6 +321,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mnist_cnn.bench import main as bench_main
+
+    device = _device(args.device)
+    bench_main(_load_data(args), device, args.quick, args.json)
+    return 0
+
+
 def _print_report(report: dict, out: Path) -> None:
     print(
         f"test accuracy {100 * report['test_accuracy']:.2f}% "
@@ -310,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                    "serve": cmd_serve}
+                    "serve": cmd_serve, "bench": cmd_bench}
         return commands[args.command](args)
     except (UserError, DataError) as e:
         print(f"mnist-cnn: error: {e}", file=sys.stderr)

@@ -60,3 +60,8 @@ def write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)
+
+
+# The recipe for time to 99% test accuracy (`mnist-cnn train --fast`): a short one-cycle schedule
+# at a high learning rate and a large batch; no weight average (it lags in so few steps).
+FAST = TrainConfig(epochs=2, batch_size=512, lr=4e-3, warmup=0.25, ema=0.0)

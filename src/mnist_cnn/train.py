@@ -138,11 +138,16 @@ def _load_checkpoint(path: Path, model, ema, optimizer, device) -> dict:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     if ema is not None:
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     opt_state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
             _, idx, key = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[key] = v.cpu() if key == "step" else v
+            if key != "step":
+                # Give the moments their weight's memory layout (channels-last for the convs):
+                # the fused Adam kernel walks both in memory order and would pair wrong elements.
+                v = torch.empty_like(params[int(idx)]).copy_(v)
+            opt_state.setdefault(int(idx), {})[key] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
     return state
 
@@ -224,8 +229,10 @@ def train(
     torch.manual_seed(cfg.seed)  # initialization: the same on every rank
     model = prepare_model(cfg, device)
     ema = copy.deepcopy(model) if cfg.ema > 0 else None
+    # The fused kernel does Adam's whole update in one pass over the weights: training steps
+    # 8% faster than the per-op (foreach) version on the 2-core CPU (docs/PERFORMANCE.md).
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
     )
     net = model
     if dist.world > 1:
