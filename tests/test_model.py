@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mnist_cnn.augment import random_rotation, rotate, sample_angles
-from mnist_cnn.model import ReferenceCNN, count_params
+from mnist_cnn.model import Dropout, ReferenceCNN, count_params
 
 
 @pytest.mark.parametrize("padding,params", [("same", 3_231_114), ("valid", 2_379_146)])
@@ -15,8 +15,17 @@ def test_output_shape_and_params(padding, params):
 
 def test_dropout_rates_are_used():
     model = ReferenceCNN(dropout=(0.7, 0.3))
-    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in model.modules() if isinstance(m, Dropout)]
     assert rates == [0.7, 0.3]
+
+
+def test_dropout_drops_at_rate_p_and_keeps_the_mean():
+    x = torch.ones(1000, 1000)
+    layer = Dropout(0.3)
+    y = layer.train()(x)
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01  # kept units are scaled by 1 / (1 - p)
+    assert torch.equal(layer.eval()(x), x)
 
 
 def test_rotation_by_zero_is_identity():

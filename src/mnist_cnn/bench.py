@@ -94,11 +94,15 @@ def our_training(cfg: TrainConfig, data: MNIST, device: torch.device, images: in
 
 def our_inference(model: nn.Module, images: torch.Tensor, device: torch.device,
                   amp: torch.dtype | None, repeats: int) -> list[float]:
+    """Images/s classifying `images` in calls of 1,000 (as `evaluate` and `predict` call)."""
     rates = []
     predict_proba(model, images[:1000], device, amp)  # warm-up
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
-        predict_proba(model, images, device, amp, batch_size=1000)
+        for i in range(0, len(images), 1000):
+            predict_proba(model, images[i : i + 1000], device, amp)
+        _sync(device)
         rates.append(len(images) / (time.perf_counter() - t0))
     return rates
 
@@ -307,12 +311,15 @@ def run_benchmark(data: MNIST, device: torch.device, quick: bool = False, log=pr
                 for s in range(3)]
         t99 = [f["reached"][0.99] for f in fast if f["reached"][0.99] is not None]
         if t99:
-            row("ours: time to 99.0% (--fast)", t99, "s", "{:.1f}")
+            row(f"ours: time to 99.0% (--fast, {len(t99)} of {len(fast)} seeds got there)",
+                t99, "s", "{:.1f}")
         slow = our_time_to_accuracy(cfg, data, device, (0.99, 0.995))
         log("time to accuracy (baseline, to 99.0% or 10 epochs)")
         base = baseline_time_to_accuracy(data)
         results |= {
-            "time_to_99_0_s": statistics.median(t99) if len(t99) == len(fast) else None,
+            # The median over all seeds: None unless most of them reached 99.0%.
+            "time_to_99_0_s": (statistics.median(t99 + [float("inf")] * (len(fast) - len(t99)))
+                               if 2 * len(t99) > len(fast) else None),
             "time_to_99_0_runs": fast,
             "time_to_99_5_s": slow["reached"][0.995],
             "time_to_99_5_run": slow,

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first N training images only (quick trials, tests)")
     t.add_argument("--fast", action="store_true",
                    help=f"the time-to-99%% recipe ({FAST.epochs} epochs, batch "
-                        f"{FAST.batch_size}, lr {FAST.lr}, no EMA); other flags still apply")
+                        f"{FAST.batch_size}, lr {FAST.lr}, no dropout, no augmentation, "
+                        f"EMA {FAST.ema}); other flags still apply")
     t.add_argument("--resume", metavar="RUN_DIR", type=Path,
                    help="continue an interrupted run with its saved settings")
 

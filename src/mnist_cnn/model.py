@@ -19,6 +19,30 @@ import torch
 from torch import nn
 
 
+class Dropout(nn.Module):
+    """Inverted dropout, the same as `nn.Dropout`, with the mask drawn by `torch.rand`.
+
+    On CPU `nn.Dropout` draws its mask with `bernoulli_`, which is 2.7× slower than comparing a
+    `torch.rand` tensor with p (9.2 ms vs 3.4 ms for this model's two dropout layers at batch 256
+    on the 2-core CPU); with everything else that fast, that was 15% of a training step.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout rate must be in [0, 1), not {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class ReferenceCNN(nn.Module):
     def __init__(self, dropout: tuple[float, float] = (0.3, 0.7), padding: str = "same") -> None:
         super().__init__()
@@ -36,11 +60,11 @@ class ReferenceCNN(nn.Module):
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Dropout(dropout[0]),
+            Dropout(dropout[0]),
             nn.Flatten(),
             nn.Linear(64 * side * side, 1024),
             nn.ReLU(inplace=True),
-            nn.Dropout(dropout[1]),
+            Dropout(dropout[1]),
             nn.Linear(1024, 10),
         )
 
