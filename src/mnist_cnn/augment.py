@@ -35,13 +35,3 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     )
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def random_rotation(
-    images: torch.Tensor, max_degrees: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Rotate each image of a float batch [N, 1, H, W] by its own uniform random angle."""
-    if max_degrees <= 0:
-        return images
-    angles = sample_angles(images.shape[0], max_degrees, generator).to(images.device)
-    return rotate(images, angles)

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema", type=_nonnegative, metavar="DECAY",
                    help="decay of the weight moving average that is validated and saved; "
                         f"0 turns it off (default: {d.ema})")
+    t.add_argument("--label-smoothing", type=_nonnegative, metavar="EPS",
+                   help=f"label smoothing of the loss (default: {d.label_smoothing})")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast where the hardware runs it fast, else fp32 "
                         f"(default: {d.precision})")
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fast", action="store_true",
                    help=f"the time-to-99%% recipe ({FAST.epochs} epochs, batch "
                         f"{FAST.batch_size}, lr {FAST.lr}, no dropout, no augmentation, "
-                        f"EMA {FAST.ema}); other flags still apply")
+                        f"EMA {FAST.ema}, label smoothing {FAST.label_smoothing}); other flags "
+                        "still apply")
     t.add_argument("--resume", metavar="RUN_DIR", type=Path,
                    help="continue an interrupted run with its saved settings")
 
@@ -181,7 +184,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {
         name: getattr(args, name)
         for name in ("epochs", "batch_size", "lr", "seed", "max_rotation", "padding", "ema",
-                     "precision", "train_subset")
+                     "label_smoothing", "precision", "train_subset")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:
@@ -218,8 +221,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(device_name)
     if args.resume:
         run_dir = args.resume
-        if not (run_dir / "checkpoint.safetensors").is_file():
-            raise UserError(f"{run_dir} has no checkpoint.safetensors to resume from")
+        for name in ("checkpoint.safetensors", "config.json"):
+            if not (run_dir / name).is_file():
+                raise UserError(f"{run_dir} has no {name} to resume from")
         cfg = TrainConfig.load(run_dir / "config.json")
     else:
         cfg = _config_from_args(args)
@@ -236,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "or choose another --out"
             )
     say = print if dist.main else (lambda *a, **k: None)
-    data = _load_data(args) if dist.main else _load_data(args, quiet=True)
+    data = _load_data(args, quiet=not dist.main)
     params = count_params(prepare_model(cfg, device))
     say(
         f"Training {cfg.model} CNN ({params:,} parameters) on {device}"
