@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mnist_cnn.augment import rotate, sample_angles
+from mnist_cnn.augment import rotate, sample_angles, sample_transforms, transform
 from mnist_cnn.model import Dropout, ReferenceCNN, count_params
 
 
@@ -54,3 +54,25 @@ def test_random_rotation_is_reproducible_and_varies():
 
     assert torch.equal(rotated(1), rotated(1))
     assert not torch.allclose(rotated(1), rotated(2))
+
+
+def test_shift_and_scale_move_and_grow_the_digit():
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 10, 10] = 1.0
+    moved = transform(x, torch.tensor([[0.0, 1.0, 3.0, 2.0]]))  # 3 px right, 2 px down
+    assert (moved[0, 0] == moved.max()).nonzero().tolist() == [[12, 13]]
+    square = torch.zeros(1, 1, 28, 28)
+    square[0, 0, 10:18, 10:18] = 1.0
+    doubled = transform(square, torch.tensor([[0.0, 2.0, 0.0, 0.0]]))
+    assert abs(doubled.sum().item() - 4 * square.sum().item()) < 1.0  # twice the side
+
+
+def test_transform_parameters_stay_within_bounds():
+    p = sample_transforms(50_000, 10.0, 2.0, 0.1, torch.Generator().manual_seed(0))
+    assert p[:, 0].abs().max() <= 10 and (p[:, 1] - 1).abs().max() <= 0.1
+    assert p[:, 2:].abs().max() <= 2 and p[:, 2:].abs().max() > 1.99
+    # Rotation only draws just the angles: the same numbers as sample_angles.
+    rot = sample_transforms(100, 20.0, generator=torch.Generator().manual_seed(3))
+    angles = sample_angles(100, 20.0, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rot[:, 0], angles)
+    assert torch.equal(rot[:, 1:], torch.tensor([[1.0, 0.0, 0.0]]).expand(100, 3))

@@ -1,8 +1,9 @@
-"""Random rotation of whole batches with torch operations, on whatever device the batch is on.
+"""Random affine augmentation of whole batches with torch operations, on the batch's device.
 
-One affine grid and one bilinear `grid_sample` rotate a batch about the image centre; pixels that
-come in from outside the image are 0, MNIST's background. Angles come from an explicit
-`torch.Generator`, so a seed fixes every rotation of a run.
+One affine grid and one bilinear `grid_sample` rotate, scale and shift a whole batch about the
+image centre; pixels that come in from outside the image are 0, MNIST's background. The
+reference project used rotation only (±20°); scale and shift are off by default. Parameters come
+from an explicit `torch.Generator` on the CPU, so a seed fixes every transform on every device.
 """
 
 from __future__ import annotations
@@ -16,22 +17,51 @@ import torch.nn.functional as F
 def sample_angles(
     n: int, max_degrees: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """n angles in degrees, uniform in [-max_degrees, +max_degrees], drawn on the CPU so that a
-    seed gives the same angles on every device."""
+    """n angles in degrees, uniform in [-max_degrees, +max_degrees]."""
     u = torch.rand(n, generator=generator)
     return (u * 2 - 1) * max_degrees
 
 
-def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
-    """Rotate float images [N, 1, H, W] by per-image angles in degrees, counter-clockwise as the
-    image is displayed (row 0 at the top)."""
-    rad = degrees.to(images.dtype) * (math.pi / 180.0)
-    cos, sin = torch.cos(rad), torch.sin(rad)
-    zero = torch.zeros_like(cos)
-    # The grid maps each output pixel to where it samples the input, in (x, y) with y pointing
-    # down; this matrix turns the displayed image counter-clockwise.
+def sample_transforms(
+    n: int, max_degrees: float, max_shift: float = 0.0, max_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """[n, 4] per-image (angle in degrees, scale, shift x, shift y in pixels), each uniform in
+    ±its maximum (scale in 1 ± max_scale). Shift and scale draw from the generator only when on,
+    so a rotation-only run draws exactly the angles."""
+    angles = sample_angles(n, max_degrees, generator)
+    scale = torch.ones(n)
+    shift = torch.zeros(n, 2)
+    if max_scale > 0:
+        scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_scale
+    if max_shift > 0:
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
+    return torch.cat([angles[:, None], scale[:, None], shift], 1)
+
+
+def transform(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Apply per-image (angle, scale, shift x, shift y) to float images [N, 1, H, W].
+
+    Angles turn the image counter-clockwise as displayed (row 0 at the top); scale > 1 enlarges
+    the digit; shifts move it right and down by that many pixels."""
+    params = params.to(device=images.device, dtype=images.dtype)
+    rad = params[:, 0] * (math.pi / 180.0)
+    inv_scale = 1.0 / params[:, 1]
+    cos, sin = torch.cos(rad) * inv_scale, torch.sin(rad) * inv_scale
+    height, width = images.shape[-2:]
+    # The grid maps each output pixel to where it samples the input, in normalized (x, y) with
+    # y pointing down (one pixel = 2 / size): the inverse of the transform we want to see.
+    tx = -(cos * params[:, 2] * 2 / width - sin * params[:, 3] * 2 / height)
+    ty = -(sin * params[:, 2] * 2 / width + cos * params[:, 3] * 2 / height)
     theta = torch.stack(
-        [torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1
+        [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
     )
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate float images [N, 1, H, W] by per-image angles in degrees (counter-clockwise)."""
+    n = len(degrees)
+    params = torch.stack([degrees.cpu(), torch.ones(n), torch.zeros(n), torch.zeros(n)], 1)
+    return transform(images, params)

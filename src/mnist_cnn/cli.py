@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from mnist_cnn import __version__
-from mnist_cnn.config import FAST, TrainConfig
+from mnist_cnn.config import FAST, MODEL_DEFAULTS, TrainConfig
+from mnist_cnn.model import MODELS
 
 DEFAULTS = TrainConfig()
 
@@ -61,21 +62,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "~/.cache/mnist-cnn; missing files are downloaded and verified)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mnist-cnn",
-        description="Train, evaluate and explain the reference MNIST CNN.",
-    )
-    parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_recipe(t: argparse.ArgumentParser) -> None:
+    """The training-recipe flags shared by train and ensemble."""
     d = DEFAULTS
-    t = sub.add_parser(
-        "train", help="train the reference CNN and write a run folder",
-        description="Train the reference CNN with the default recipe and write a run folder: "
-        "model.safetensors, config.json, metrics.jsonl, report.json and four figures. "
-        "Checkpoints are saved after every epoch; Ctrl-C stops cleanly and --resume continues.",
-    )
+    t.add_argument("--model", choices=list(MODELS),
+                   help=f"architecture: reference (the reference table) or strong (batch norm, "
+                        f"more and smaller convolutions) (default: {d.model})")
     # Recipe flags default to None: unset ones take the value of the recipe (defaults or --fast).
     t.add_argument("--epochs", type=_positive(int), help=f"epochs to train (default: {d.epochs})")
     t.add_argument("--batch-size", type=_positive(int),
@@ -86,10 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seed for initialization, data order, rotations and dropout "
                         f"(default: {d.seed})")
     _add_common(t)
-    t.add_argument("--out", metavar="DIR", type=Path,
-                   help="run folder to write (default: a new folder under runs/)")
     t.add_argument("--max-rotation", type=_nonnegative, metavar="DEG",
                    help=f"random rotation uniform in ±DEG degrees (default: {d.max_rotation:g})")
+    t.add_argument("--max-shift", type=_nonnegative, metavar="PX",
+                   help="random shift uniform in ±PX pixels on each axis "
+                        f"(default: {d.max_shift:g})")
+    t.add_argument("--max-scale", type=_nonnegative, metavar="FRAC",
+                   help=f"random scale uniform in 1 ± FRAC (default: {d.max_scale:g})")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
     t.add_argument("--dropout", type=_dropout, metavar="P1,P2",
                    help="drop rates of the two dropout layers "
@@ -112,15 +107,50 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{FAST.batch_size}, lr {FAST.lr}, no dropout, no augmentation, "
                         f"EMA {FAST.ema}, label smoothing {FAST.label_smoothing}); other flags "
                         "still apply")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-cnn",
+        description="Train, evaluate and explain the reference MNIST CNN.",
+    )
+    parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser(
+        "train", help="train the reference CNN and write a run folder",
+        description="Train the reference CNN with the default recipe and write a run folder: "
+        "model.safetensors, config.json, metrics.jsonl, report.json and four figures. "
+        "Checkpoints are saved after every epoch; Ctrl-C stops cleanly and --resume continues.",
+    )
+    _add_recipe(t)
+    t.add_argument("--out", metavar="DIR", type=Path,
+                   help="run folder to write (default: a new folder under runs/)")
     t.add_argument("--resume", metavar="RUN_DIR", type=Path,
                    help="continue an interrupted run with its saved settings")
 
-    e = sub.add_parser(
-        "evaluate", help="evaluate a run folder on the test set",
-        description="Rebuild the best model of a run folder and score it on the 10,000 test "
-        "images; writes report.json and the figures (same numbers as at the end of training).",
+    en = sub.add_parser(
+        "ensemble", help="train N models with consecutive seeds and average them",
+        description="Train N models with seeds --seed, --seed+1, ... (one ordinary run folder "
+        "each, inside --out), average their softmax outputs and write the ensemble's "
+        "report.json and figures into --out. Finished members are reused and an interrupted "
+        "one is resumed, so running the same command again continues an interrupted ensemble.",
     )
-    e.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a folder written by train")
+    en.add_argument("--models", type=_positive(int), default=3, help="members (default: 3)")
+    en.add_argument("--tta", action="store_true",
+                    help="test-time augmentation: also average over small shifts and rotations")
+    _add_recipe(en)
+    en.add_argument("--out", metavar="DIR", type=Path,
+                    help="ensemble folder (default: a new folder under runs/)")
+
+    e = sub.add_parser(
+        "evaluate", help="evaluate a run or ensemble folder on the test set",
+        description="Rebuild the best model of a run folder (or the members of an ensemble "
+        "folder) and score it on the 10,000 test images; writes report.json and the figures "
+        "(the same numbers as at the end of training).",
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", type=Path,
+                   help="a folder written by train or ensemble")
     _add_common(e)
     e.add_argument("--out", metavar="DIR", type=Path,
                    help="where to write report.json and figures (default: RUN_DIR)")
@@ -181,10 +211,13 @@ def _new_run_dir() -> Path:
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The recipe (defaults, or --fast) with every flag the user gave applied on top."""
     base = FAST if args.fast else DEFAULTS
+    if args.model:  # the model's own defaults first, then the flags
+        base = dataclasses.replace(base, model=args.model, **MODEL_DEFAULTS.get(args.model, {}))
     given = {
         name: getattr(args, name)
-        for name in ("epochs", "batch_size", "lr", "seed", "max_rotation", "padding", "ema",
-                     "label_smoothing", "precision", "train_subset")
+        for name in ("epochs", "batch_size", "lr", "seed", "max_rotation", "max_shift",
+                     "max_scale", "padding", "ema", "label_smoothing", "precision",
+                     "train_subset")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:
@@ -271,16 +304,45 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mnist_cnn.ensemble import is_ensemble, write_ensemble_report
     from mnist_cnn.evaluate import load_run, write_report
+
     device = _device(args.device)
+    out = args.out or args.run_dir
+    if is_ensemble(args.run_dir):
+        report = write_ensemble_report(args.run_dir, out, _load_data(args), device)
+        _print_report(report, out)
+        return 0
     try:
         cfg, model = load_run(args.run_dir, device)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
-    data = _load_data(args)
-    out = args.out or args.run_dir
-    report = write_report(args.run_dir, out, model, cfg, data, device)
+    report = write_report(args.run_dir, out, model, cfg, _load_data(args), device)
     _print_report(report, out)
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from mnist_cnn.ensemble import train_members, write_ensemble_report
+    from mnist_cnn.train import Interrupted
+
+    device = _device(args.device)
+    cfg = _config_from_args(args)
+    folder = args.out or _new_run_dir()
+    data = _load_data(args)
+    print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"
+          f"{cfg.seed + args.models - 1} → {folder}", file=sys.stderr)
+    try:
+        train_members(cfg, folder, args.models, data, device, args.tta,
+                      progress=sys.stderr.isatty(), log=lambda s: print(s, flush=True))
+    except Interrupted as stop:
+        print(f"\nInterrupted in {stop.run_dir}; finished members are kept.\n"
+              f"Continue with the same command (it reuses them).", file=sys.stderr)
+        return 130
+    report = write_ensemble_report(folder, folder, data, device)
+    print(f"members: {', '.join(f'{100 * a:.2f}%' for a in report['member_test_accuracy'])} "
+          f"(mean {100 * report['member_test_accuracy_mean']:.3f}%)")
+    _print_report(report, folder)
     return 0
 
 
@@ -349,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                    "serve": cmd_serve, "bench": cmd_bench}
+                    "serve": cmd_serve, "bench": cmd_bench, "ensemble": cmd_ensemble}
         return commands[args.command](args)
     except (UserError, DataError) as e:
         print(f"mnist-cnn: error: {e}", file=sys.stderr)

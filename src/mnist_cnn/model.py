@@ -73,11 +73,48 @@ class ReferenceCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
+    # No conv bias: the batch norm right after it has one.
+    return [nn.Conv2d(c_in, c_out, k, stride, padding, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True)]
+
+
+class StrongCNN(nn.Module):
+    """A stronger model for the accuracy work: more and smaller convolutions with batch norm,
+    strided 5×5 convolutions instead of max-pooling, little dense weight (the layout of the
+    well-known Kaggle MNIST ensembles, whose members average about 99.7%).
+
+        28 → conv 32@3 → 26 → conv 32@3 → 24 → conv 32@5/2 → 12 → dropout
+           → conv 64@3 → 10 → conv 64@3 →  8 → conv 64@5/2 →  4 → dropout
+           → conv 128@4 → 1 → dropout → dense 10
+
+    About 15 M multiply-adds per image (the reference: 5 M) and 0.3 M parameters (3.2 M).
+    `dropout` is (rate after each stage, rate before the classifier); `padding` is unused.
+    """
+
+    def __init__(self, dropout: tuple[float, float] = (0.4, 0.4), padding: str = "same") -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *_conv_bn(1, 32, 3), *_conv_bn(32, 32, 3), *_conv_bn(32, 32, 5, 2, 2),
+            Dropout(dropout[0]),
+            *_conv_bn(32, 64, 3), *_conv_bn(64, 64, 3), *_conv_bn(64, 64, 5, 2, 2),
+            Dropout(dropout[0]),
+            *_conv_bn(64, 128, 4),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), Dropout(dropout[1]), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+MODELS = {"reference": ReferenceCNN, "strong": StrongCNN}
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def build_model(name: str = "reference", **kwargs) -> nn.Module:
-    if name == "reference":
-        return ReferenceCNN(**kwargs)
-    raise ValueError(f"unknown model {name!r}")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
+    return MODELS[name](**kwargs)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from mnist_cnn.augment import rotate, sample_angles
+from mnist_cnn.augment import sample_transforms, transform
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import MNIST, normalize
 from mnist_cnn.model import build_model
@@ -288,14 +288,16 @@ def train(
             )
             for i in bar:
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                # Angles are drawn for the whole global batch, so every rank stays in step.
-                angles = sample_angles(len(idx), cfg.max_rotation, gen) if cfg.augment else None
+                # Transforms are drawn for the whole global batch, so every rank stays in step.
+                params = sample_transforms(
+                    len(idx), cfg.max_rotation, cfg.max_shift, cfg.max_scale, gen
+                ) if cfg.augment else None
                 if dist.world > 1:
                     idx = idx[dist.rank :: dist.world]
-                    angles = angles[dist.rank :: dist.world] if angles is not None else None
+                    params = params[dist.rank :: dist.world] if params is not None else None
                 x = train_x[idx].unsqueeze(1).float().div_(255.0)
-                if angles is not None and cfg.max_rotation > 0:
-                    x = rotate(x, angles.to(device))
+                if params is not None and (cfg.max_rotation or cfg.max_shift or cfg.max_scale):
+                    x = transform(x, params)
                 x = normalize(x).contiguous(memory_format=torch.channels_last)
                 y = train_y[idx]
                 lr = lr_at(step, total_steps, cfg)
@@ -315,6 +317,9 @@ def train(
                         torch._foreach_lerp_(
                             list(ema.parameters()), list(model.parameters()), 1 - d
                         )
+                        # Batch-norm statistics are not averaged: the average uses the latest.
+                        for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+                            b_ema.copy_(b)
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.argmax(1) == y).sum()
                 if progress and (i % 20 == 0 or i == steps_per_epoch - 1):

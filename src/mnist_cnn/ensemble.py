@@ -1,0 +1,111 @@
+"""Ensembles: N ordinary runs with consecutive seeds, their softmax outputs averaged.
+
+An ensemble folder holds `ensemble.json` (the members and whether test-time augmentation is on),
+one ordinary run folder per member (`member-0`, `member-1`, ... each with its own report.json),
+and the ensemble's own report.json and figures. Finished members are reused and an interrupted
+member is resumed, so an interrupted `mnist-cnn ensemble` picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from mnist_cnn import figures
+from mnist_cnn.augment import transform
+from mnist_cnn.config import TrainConfig, write_json
+from mnist_cnn.data import MNIST
+from mnist_cnn.evaluate import build_report, load_run, read_history, write_report
+from mnist_cnn.model import count_params
+from mnist_cnn.train import loss_and_accuracy, predict_proba, resolve_precision, train
+
+# Test-time augmentation: the identity and small shifts and rotations, as (degrees, scale, dx, dy).
+TTA = torch.tensor([
+    [0.0, 1.0, 0.0, 0.0],
+    [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, -1.0],
+    [8.0, 1.0, 0.0, 0.0], [-8.0, 1.0, 0.0, 0.0],
+])
+
+
+def is_ensemble(folder: Path) -> bool:
+    return (Path(folder) / "ensemble.json").is_file()
+
+
+def member_dirs(folder: Path) -> list[Path]:
+    names = json.loads((Path(folder) / "ensemble.json").read_text())["members"]
+    return [Path(folder) / name for name in names]
+
+
+def train_members(
+    cfg: TrainConfig, folder: Path, models: int, data: MNIST, device: torch.device,
+    tta: bool = False, progress: bool = True, log=print,
+) -> list[Path]:
+    """Train (or reuse, or resume) members with seeds cfg.seed, cfg.seed + 1, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"member-{k}" for k in range(models)]
+    write_json(folder / "ensemble.json", {"members": names, "tta": tta})
+    for k, name in enumerate(names):
+        run = folder / name
+        member_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        if (run / "report.json").is_file():
+            log(f"{name}: finished earlier, reused")
+            continue
+        resume = (run / "checkpoint.safetensors").is_file()
+        if resume:
+            member_cfg = TrainConfig.load(run / "config.json")
+        log(f"{name}: {'resuming' if resume else 'training'} (seed {member_cfg.seed})")
+        train(member_cfg, run, data, device, resume=resume, progress=progress, log=log)
+        _, model = load_run(run, device)
+        report = write_report(run, run, model, member_cfg, data, device)
+        log(f"{name}: test accuracy {100 * report['test_accuracy']:.2f}% "
+            f"({report['test_errors']} wrong)")
+    return [folder / name for name in names]
+
+
+def ensemble_proba(
+    runs: list[Path], images: torch.Tensor, device: torch.device, tta: bool = False
+) -> torch.Tensor:
+    """The members' softmax outputs (over the TTA views when on), averaged."""
+    total = torch.zeros(len(images), 10)
+    views = TTA if tta else TTA[:1]
+    for run in runs:
+        cfg, model = load_run(run, device)
+        amp = resolve_precision(cfg.precision, device)
+        for k, view in enumerate(views):
+            x = images
+            if k > 0:  # view 0 is the identity
+                x = transform(images.unsqueeze(1).float(), view.expand(len(images), 4))
+                x = x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+            total += predict_proba(model, x, device, amp)
+    return total / (len(runs) * len(views))
+
+
+def write_ensemble_report(folder: Path, out: Path, data: MNIST, device: torch.device) -> dict:
+    """Score the averaged members on validation and test; report.json and figures into out."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = json.loads((folder / "ensemble.json").read_text())
+    runs = member_dirs(folder)
+    val = ensemble_proba(runs, data.val_images, device, spec["tta"])
+    probs = ensemble_proba(runs, data.test_images, device, spec["tta"])
+    members = [json.loads((r / "report.json").read_text()) for r in runs]
+    first_cfg, first_model = load_run(runs[0], device)
+    accs = [m["test_accuracy"] for m in members]
+    report = build_report(
+        probs, data.test_labels, loss_and_accuracy(val, data.val_labels)[1],
+        read_history(runs[0]), count_params(first_model) * len(runs),
+        {
+            "model": first_cfg.model, "members": len(runs), "tta": spec["tta"],
+            "member_test_accuracy": accs,
+            "member_test_accuracy_mean": sum(accs) / len(accs),
+            "member_test_accuracy_min": min(accs),
+            "train_seconds": round(sum(m["train_seconds"] for m in members), 2),
+            "seeds": [m.get("seed") for m in members],
+        },
+    )
+    write_json(out / "report.json", report)
+    figures.write_all(out, data.test_images, data.test_labels, probs, read_history(runs[0]),
+                      report["confusion_matrix"], first_cfg.seed)
+    return report

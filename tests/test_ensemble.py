@@ -1,0 +1,71 @@
+import dataclasses
+import json
+
+import torch
+
+from mnist_cnn.cli import main
+from mnist_cnn.config import TrainConfig
+from mnist_cnn.ensemble import ensemble_proba, member_dirs
+from mnist_cnn.model import StrongCNN, count_params
+from mnist_cnn.train import train
+
+TINY = ["--epochs", "1", "--train-subset", "1500", "--batch-size", "128", "--precision", "fp32"]
+
+
+def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
+    folder = tmp_path / "ens"
+    args = ["ensemble", "--models", "2", *TINY, "--out", str(folder), "--data-dir", str(data_dir)]
+    assert main(args) == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["members"] == 2 and len(report["member_test_accuracy"]) == 2
+    assert report["seeds"] == [0, 1]
+    for run in member_dirs(folder):
+        assert (run / "report.json").exists() and (run / "model.safetensors").exists()
+    for name in ("random_results.png", "wrong_results.png", "confusion_matrix.png"):
+        assert (folder / name).exists()
+    capsys.readouterr()
+
+    # Running the same command again reuses the finished members and gives the same numbers.
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier, reused") == 2
+    assert json.loads((folder / "report.json").read_text())["test_accuracy"] == (
+        report["test_accuracy"]
+    )
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(folder), "--out", str(out), "--data-dir", str(data_dir)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["test_accuracy"] == report["test_accuracy"]
+    assert again["test_errors"] == report["test_errors"]
+
+
+def test_tta_gives_probabilities(tmp_path, data_dir, mnist):
+    folder = tmp_path / "ens"
+    assert main(["ensemble", "--models", "1", *TINY, "--out", str(folder),
+                 "--data-dir", str(data_dir)]) == 0
+    plain = ensemble_proba(member_dirs(folder), mnist.test_images[:200], torch.device("cpu"))
+    tta = ensemble_proba(member_dirs(folder), mnist.test_images[:200], torch.device("cpu"),
+                         tta=True)
+    assert torch.allclose(tta.sum(1), torch.ones(200), atol=1e-4)
+    assert not torch.equal(plain, tta)
+    assert (tta.argmax(1) == plain.argmax(1)).float().mean() > 0.9
+
+
+def test_strong_model_shape_and_training(mnist, tmp_path):
+    model = StrongCNN()
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert count_params(model) == 325_994
+    cfg = dataclasses.replace(TrainConfig(), model="strong", dropout=(0.4, 0.4), epochs=1,
+                              train_subset=3000, batch_size=128, precision="fp32")
+    history = train(cfg, tmp_path / "strong", mnist, torch.device("cpu"), progress=False,
+                    log=lambda s: None)
+    # The weight average must carry the batch-norm statistics, or validation collapses.
+    assert history[0]["val_accuracy"] > 0.8
+
+
+def test_model_flag_sets_the_models_own_defaults(tmp_path, data_dir):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "strong", *TINY, "--train-subset", "300", "--out", str(run),
+                 "--data-dir", str(data_dir)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "strong" and config["dropout"] == [0.4, 0.4]
