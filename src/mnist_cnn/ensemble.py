@@ -14,13 +14,11 @@ from pathlib import Path
 
 import torch
 
-from mnist_cnn import figures
 from mnist_cnn.augment import transform
 from mnist_cnn.config import TrainConfig, write_json
 from mnist_cnn.data import MNIST
-from mnist_cnn.evaluate import build_report, load_run, read_history, write_report
-from mnist_cnn.model import count_params
-from mnist_cnn.train import loss_and_accuracy, predict_proba, resolve_precision, train
+from mnist_cnn.evaluate import load_run, read_history, save_report, write_report
+from mnist_cnn.train import predict_proba, resolve_precision, train
 
 # Test-time augmentation: the identity and small shifts and rotations, as (degrees, scale, dx, dy).
 TTA = torch.tensor([
@@ -85,27 +83,22 @@ def ensemble_proba(
 
 def write_ensemble_report(folder: Path, out: Path, data: MNIST, device: torch.device) -> dict:
     """Score the averaged members on validation and test; report.json and figures into out."""
-    out.mkdir(parents=True, exist_ok=True)
     spec = json.loads((folder / "ensemble.json").read_text())
     runs = member_dirs(folder)
-    val = ensemble_proba(runs, data.val_images, device, spec["tta"])
-    probs = ensemble_proba(runs, data.test_images, device, spec["tta"])
     members = [json.loads((r / "report.json").read_text()) for r in runs]
-    first_cfg, first_model = load_run(runs[0], device)
+    first = TrainConfig.load(runs[0] / "config.json")
     accs = [m["test_accuracy"] for m in members]
-    report = build_report(
-        probs, data.test_labels, loss_and_accuracy(val, data.val_labels)[1],
-        read_history(runs[0]), count_params(first_model) * len(runs),
+    return save_report(
+        out, ensemble_proba(runs, data.test_images, device, spec["tta"]),
+        ensemble_proba(runs, data.val_images, device, spec["tta"]), data, read_history(runs[0]),
+        sum(m["params"] for m in members),
         {
-            "model": first_cfg.model, "members": len(runs), "tta": spec["tta"],
+            "model": first.model, "members": len(runs), "tta": spec["tta"],
             "member_test_accuracy": accs,
             "member_test_accuracy_mean": sum(accs) / len(accs),
             "member_test_accuracy_min": min(accs),
             "train_seconds": round(sum(m["train_seconds"] for m in members), 2),
             "seeds": [m.get("seed") for m in members],
         },
+        first.seed,
     )
-    write_json(out / "report.json", report)
-    figures.write_all(out, data.test_images, data.test_labels, probs, read_history(runs[0]),
-                      report["confusion_matrix"], first_cfg.seed)
-    return report

@@ -78,23 +78,31 @@ def build_report(
     return report | (extra or {})
 
 
+def save_report(
+    out_dir: Path, probs: torch.Tensor, val_probs: torch.Tensor, data: MNIST,
+    history: list[dict], params: int, extra: dict, seed: int,
+) -> dict:
+    """Write report.json and the four figures for test/validation probabilities."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    val_accuracy = loss_and_accuracy(val_probs, data.val_labels)[1]
+    report = build_report(probs, data.test_labels, val_accuracy, history, params, extra)
+    write_json(out_dir / "report.json", report)
+    figures.write_all(
+        out_dir, data.test_images, data.test_labels, probs, history,
+        report["confusion_matrix"], seed,
+    )
+    return report
+
+
 def write_report(
     run_dir: Path, out_dir: Path, model: nn.Module, cfg: TrainConfig, data: MNIST,
     device: torch.device, history: list[dict] | None = None,
 ) -> dict:
     """Score `model` on validation and test, write report.json and the four figures to out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     amp = resolve_precision(cfg.precision, device)
     history = read_history(run_dir) if history is None else history
-    val_probs = predict_proba(model, data.val_images, device, amp)
-    probs = predict_proba(model, data.test_images, device, amp)
-    report = build_report(
-        probs, data.test_labels, loss_and_accuracy(val_probs, data.val_labels)[1],
-        history, count_params(model), {"seed": cfg.seed, "model": cfg.model},
+    return save_report(
+        out_dir, predict_proba(model, data.test_images, device, amp),
+        predict_proba(model, data.val_images, device, amp), data, history, count_params(model),
+        {"seed": cfg.seed, "model": cfg.model}, cfg.seed,
     )
-    write_json(out_dir / "report.json", report)
-    figures.write_all(
-        out_dir, data.test_images, data.test_labels, probs, history,
-        report["confusion_matrix"], cfg.seed,
-    )
-    return report
