@@ -24,8 +24,9 @@ class ImageError(ValueError):
     """An input that cannot be classified; the message says why."""
 
 
-def load_image(data: bytes) -> Image.Image:
-    """Decode image bytes (PNG, JPEG, BMP, GIF, WebP, ...) with size checks."""
+def load_image(data: bytes, max_side: int | None = None) -> Image.Image:
+    """Decode image bytes (PNG, JPEG, BMP, GIF, WebP, ...) with size checks, made before the
+    pixels are decoded: bytes, total pixels, and each side when `max_side` is given."""
     if not data:
         raise ImageError("empty file")
     if len(data) > MAX_BYTES:
@@ -36,6 +37,8 @@ def load_image(data: bytes) -> Image.Image:
         if width * height > MAX_PIXELS:
             raise ImageError(f"image is too large ({width}×{height} pixels; limit "
                              f"{MAX_PIXELS:,} pixels)")
+        if max_side is not None and max(width, height) > max_side:
+            raise ImageError(f"image is {width}×{height} pixels; the limit is {max_side} a side")
         image.load()
     except ImageError:
         raise
@@ -91,6 +94,6 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def preprocess(data: bytes) -> np.ndarray:
+def preprocess(data: bytes, max_side: int | None = None) -> np.ndarray:
     """Image file bytes → uint8 [28, 28] ready for the model."""
-    return to_mnist(to_gray(load_image(data)))
+    return to_mnist(to_gray(load_image(data, max_side)))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from mnist_cnn import __version__
 from mnist_cnn.predict import Classifier
-from mnist_cnn.preprocess import ImageError, load_image, to_gray, to_mnist
+from mnist_cnn.preprocess import ImageError, preprocess
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD_BYTES = 2 * 1024 * 1024
@@ -76,11 +76,7 @@ def create_app(classifier: Classifier) -> FastAPI:
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"upload too large (limit {MAX_UPLOAD_BYTES:,} bytes)")
         try:
-            picture = load_image(data)
-            if max(picture.size) > MAX_SIDE:
-                raise ImageError(f"image is {picture.size[0]}×{picture.size[1]} pixels; "
-                                 f"the limit is {MAX_SIDE} a side")
-            digit = to_mnist(to_gray(picture))
+            digit = preprocess(data, MAX_SIDE)
         except ImageError as e:
             raise HTTPException(400, str(e)) from None
         probs = classifier.probabilities(digit[None])[0]
