@@ -31,6 +31,17 @@ def test_same_seed_same_numbers(mnist, tmp_path):
     assert without_time(a) != without_time(c)
 
 
+def test_raw_weights_of_an_ema_run_are_a_run_without_ema(mnist, tmp_path):
+    # metrics.jsonl's val_accuracy_raw is how docs/RESULTS.md measures the EMA without a second
+    # training: it must equal what a run with --ema 0 validates.
+    quiet = dict(progress=False, log=lambda s: None)
+    with_ema = train(TINY, tmp_path / "ema", mnist, CPU, **quiet)
+    without = train(dataclasses.replace(TINY, ema=0.0), tmp_path / "raw", mnist, CPU, **quiet)
+    assert [h["val_accuracy_raw"] for h in with_ema] == [h["val_accuracy"] for h in without]
+    assert all("val_accuracy_raw" not in h for h in without)
+    assert [h["val_accuracy"] for h in with_ema] != [h["val_accuracy"] for h in without]
+
+
 def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path):
     full = train(TINY, tmp_path / "full", mnist, CPU, progress=False, log=lambda s: None)
 

@@ -349,6 +349,11 @@ def train(
                 "seconds": time.perf_counter() - t0,
                 "train_seconds": train_seconds,
             }
+            if ema is not None:
+                # The raw weights are exactly what a run without the average would have (the
+                # average never feeds back into training), so this one number measures the EMA.
+                raw = predict_proba(model, data.val_images, device, amp)
+                row["val_accuracy_raw"] = loss_and_accuracy(raw, data.val_labels)[1]
             history.append(row)
             state["train_seconds"] += row["seconds"]
             if val_acc > state["best_val"]:
