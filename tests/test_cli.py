@@ -104,3 +104,17 @@ def test_torchrun_two_cpu_processes(tmp_path, data_dir):
     assert proc.stdout.count("epoch   1/2") == 1  # only rank 0 prints
     report = json.loads((run / "report.json").read_text())
     assert report["epochs"] == 2 and report["test_accuracy"] > 0.85
+
+
+def test_recipe_flags_reach_the_config():
+    from mnist_cnn.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--model", "strong", "--max-shift", "2", "--max-scale", "0.1", "--elastic", "34",
+         "--elastic-sigma", "5", "--label-smoothing", "0.1", "--ema", "0"]
+    )
+    cfg = _config_from_args(args)
+    assert (cfg.model, cfg.max_shift, cfg.max_scale, cfg.elastic, cfg.elastic_sigma) == (
+        "strong", 2, 0.1, 34, 5
+    )
+    assert cfg.label_smoothing == 0.1 and cfg.ema == 0 and cfg.dropout == (0.4, 0.4)

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from mnist_cnn.augment import rotate, sample_angles, sample_transforms, transform
+from mnist_cnn.augment import (
+    rotate,
+    sample_angles,
+    sample_displacement,
+    sample_transforms,
+    transform,
+)
 from mnist_cnn.model import Dropout, ReferenceCNN, count_params
 
 
@@ -76,3 +82,33 @@ def test_transform_parameters_stay_within_bounds():
     angles = sample_angles(100, 20.0, torch.Generator().manual_seed(3))
     torch.testing.assert_close(rot[:, 0], angles)
     assert torch.equal(rot[:, 1:], torch.tensor([[1.0, 0.0, 0.0]]).expand(100, 3))
+
+
+IDENTITY = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+
+
+def test_elastic_field_is_smooth_and_as_strong_as_simard_s():
+    field = sample_displacement(200, 28, 34.0, 4.0, torch.Generator().manual_seed(0))
+    assert field.shape == (200, 28, 28, 2)
+    centre = field[:, 8:20, 8:20]  # away from the zero padding at the border
+    assert abs(centre.mean().item()) < 0.1
+    assert 1.0 < centre.std().item() < 2.0  # measured ≈ 1.4 px for alpha 34, sigma 4
+    # Smooth: neighbours move together (one pixel over, far less change than the field's size).
+    step = (centre[:, 1:] - centre[:, :-1]).abs().mean() / centre.abs().mean()
+    assert step < 0.2
+    again = sample_displacement(200, 28, 34.0, 4.0, torch.Generator().manual_seed(0))
+    assert torch.equal(field, again)
+
+
+def test_elastic_displacement_moves_pixels_by_the_field():
+    square = torch.zeros(1, 1, 28, 28)
+    square[0, 0, 10:18, 10:18] = 1.0
+    zero = transform(square, IDENTITY, torch.zeros(1, 28, 28, 2))
+    torch.testing.assert_close(zero, transform(square, IDENTITY))
+    torch.testing.assert_close(zero, square)
+    # A uniform field of (+2, -1) px samples from 2 right, 1 up: the square moves 2 left, 1 down.
+    field = torch.tensor([2.0, -1.0]).expand(1, 28, 28, 2)
+    moved = transform(square, IDENTITY, field)
+    assert moved[0, 0].nonzero().min(0).values.tolist() == [11, 8]
+    warped = transform(square, IDENTITY, sample_displacement(1, 28, 34.0, 4.0))
+    assert not torch.allclose(warped, square) and abs(warped.sum() - square.sum()) < 16

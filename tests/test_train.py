@@ -69,3 +69,13 @@ def test_one_cycle_schedule():
     assert lr_at(25, 100, cfg) == pytest.approx(1.0)
     assert lr_at(100, 100, cfg) == 0.0
     assert all(lr_at(s, 100, cfg) >= lr_at(s + 1, 100, cfg) for s in range(25, 100))
+
+
+def test_elastic_distortion_trains_and_changes_the_run(mnist, tmp_path):
+    quiet = dict(progress=False, log=lambda s: None)
+    one = dataclasses.replace(TINY, epochs=1)
+    plain = train(one, tmp_path / "plain", mnist, CPU, **quiet)
+    elastic = train(dataclasses.replace(one, elastic=34.0), tmp_path / "elastic", mnist, CPU,
+                    **quiet)
+    assert elastic[0]["val_accuracy"] > 0.5  # 1,500 images, one epoch: well above chance
+    assert without_time(elastic) != without_time(plain)

@@ -85,6 +85,11 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                         f"(default: {d.max_shift:g})")
     t.add_argument("--max-scale", type=_nonnegative, metavar="FRAC",
                    help=f"random scale uniform in 1 ± FRAC (default: {d.max_scale:g})")
+    t.add_argument("--elastic", type=_nonnegative, metavar="ALPHA",
+                   help="elastic distortion strength in pixels, Simard et al.'s is 34 "
+                        f"(default: {d.elastic:g}, off)")
+    t.add_argument("--elastic-sigma", type=_positive(float), metavar="PX",
+                   help=f"smoothness of the elastic distortion (default: {d.elastic_sigma:g})")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
     t.add_argument("--dropout", type=_dropout, metavar="P1,P2",
                    help="drop rates of the two dropout layers "
@@ -216,8 +221,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {
         name: getattr(args, name)
         for name in ("epochs", "batch_size", "lr", "seed", "max_rotation", "max_shift",
-                     "max_scale", "padding", "ema", "label_smoothing", "precision",
-                     "train_subset")
+                     "max_scale", "elastic", "elastic_sigma", "padding", "ema", "label_smoothing",
+                     "precision", "train_subset")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:

@@ -25,11 +25,13 @@ class TrainConfig:
     ema: float = 0.999  # decay of the weight average that is validated and saved (0: off)
     label_smoothing: float = 0.0
     # Augmentation: random rotation, uniform in ±max_rotation degrees (the reference's); random
-    # shift (pixels) and scale (1 ± max_scale) are off unless asked for.
+    # shift (pixels), scale (1 ± max_scale) and elastic distortion are off unless asked for.
     augment: bool = True
     max_rotation: float = 20.0
     max_shift: float = 0.0
     max_scale: float = 0.0
+    elastic: float = 0.0  # elastic distortion strength alpha in pixels (0: off; Simard used 34)
+    elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
     # Reproducibility and hardware.
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it fast)

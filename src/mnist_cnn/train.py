@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from mnist_cnn.augment import sample_transforms, transform
+from mnist_cnn.augment import sample_displacement, sample_transforms, transform
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import MNIST, normalize
 from mnist_cnn.model import build_model
@@ -292,12 +292,18 @@ def train(
                 params = sample_transforms(
                     len(idx), cfg.max_rotation, cfg.max_shift, cfg.max_scale, gen
                 ) if cfg.augment else None
+                field = sample_displacement(
+                    len(idx), train_x.shape[-1], cfg.elastic, cfg.elastic_sigma, gen
+                ) if cfg.augment and cfg.elastic > 0 else None
                 if dist.world > 1:
                     idx = idx[dist.rank :: dist.world]
                     params = params[dist.rank :: dist.world] if params is not None else None
+                    field = field[dist.rank :: dist.world] if field is not None else None
                 x = train_x[idx].unsqueeze(1).float().div_(255.0)
-                if params is not None and (cfg.max_rotation or cfg.max_shift or cfg.max_scale):
-                    x = transform(x, params)
+                if params is not None and (
+                    cfg.max_rotation or cfg.max_shift or cfg.max_scale or field is not None
+                ):
+                    x = transform(x, params, field)
                 x = normalize(x).contiguous(memory_format=torch.channels_last)
                 y = train_y[idx]
                 lr = lr_at(step, total_steps, cfg)

@@ -1,0 +1,70 @@
+"""Summarize finished ensemble folders as the rows of docs/RESULTS.md's accuracy tables.
+
+    python scripts/summarize_runs.py runs/abl/rot runs/abl/shift2 ...
+
+For each folder (written by `mnist-cnn ensemble`), over its members: the settings that differ
+from the defaults, the seeds, best validation accuracy (mean ± std, what choices are made on),
+the raw weights' best validation accuracy when the run kept a weight average (what the same run
+gives without it), test accuracy (mean ± std, min), test errors, training seconds, and the
+ensemble's own test accuracy and errors. Nothing is re-evaluated: it reads the report.json and
+metrics.jsonl files the commands wrote.
+"""
+
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from mnist_cnn.config import TrainConfig
+from mnist_cnn.ensemble import member_dirs
+
+
+def pct(values: list[float]) -> str:
+    mean = 100 * statistics.mean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def changed_settings(cfg: TrainConfig) -> str:
+    default = TrainConfig()
+    skip = {"seed", "train_subset"}
+    parts = [
+        f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+        if f.name not in skip and getattr(cfg, f.name) != getattr(default, f.name)
+    ]
+    return ", ".join(parts) or "defaults"
+
+
+def summarize(folder: Path) -> dict:
+    runs = member_dirs(folder)
+    reports = [json.loads((r / "report.json").read_text()) for r in runs]
+    histories = [
+        [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if line]
+        for r in runs
+    ]
+    raw = [max(h.get("val_accuracy_raw", -1) for h in hist) for hist in histories]
+    ensemble = json.loads((folder / "report.json").read_text())
+    return {
+        "folder": str(folder),
+        "settings": changed_settings(TrainConfig.load(runs[0] / "config.json")),
+        "seeds": [TrainConfig.load(r / "config.json").seed for r in runs],
+        "val": pct([r["val_accuracy"] for r in reports]),
+        "val_each": [round(100 * r["val_accuracy"], 2) for r in reports],
+        "val_raw": pct(raw) if min(raw) >= 0 else None,
+        "test": pct([r["test_accuracy"] for r in reports]),
+        "test_each": [round(100 * r["test_accuracy"], 2) for r in reports],
+        "errors": [r["test_errors"] for r in reports],
+        "best_epochs": [r["best_epoch"] for r in reports],
+        "train_seconds": [round(r["train_seconds"]) for r in reports],
+        "ensemble_test": round(100 * ensemble["test_accuracy"], 2),
+        "ensemble_errors": ensemble["test_errors"],
+        "ensemble_val": round(100 * ensemble["val_accuracy"], 2),
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for arg in sys.argv[1:]:
+        print(json.dumps(summarize(Path(arg))))
