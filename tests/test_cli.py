@@ -54,6 +54,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
     "argv, message",
     [
         (["evaluate", "/nonexistent/run"], "not a finished run folder"),
+        (["evaluate", "/nonexistent/run", "--tta", "on"], "applies to ensemble folders"),
         (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
         (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
     ],

@@ -38,6 +38,15 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
     assert again["test_accuracy"] == report["test_accuracy"]
     assert again["test_errors"] == report["test_errors"]
 
+    # Test-time augmentation can be switched on when evaluating; the ensemble itself is unchanged.
+    tta_out = tmp_path / "eval_tta"
+    assert main(["evaluate", str(folder), "--tta", "on", "--out", str(tta_out),
+                 "--data-dir", str(data_dir)]) == 0
+    tta_report = json.loads((tta_out / "report.json").read_text())
+    assert tta_report["tta"] is True and report["tta"] is False
+    assert tta_report["val_accuracy"] != report["val_accuracy"]
+    assert json.loads((folder / "ensemble.json").read_text())["tta"] is False
+
 
 def test_tta_gives_probabilities(tmp_path, data_dir, mnist):
     folder = tmp_path / "ens"

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e.add_argument("--out", metavar="DIR", type=Path,
                    help="where to write report.json and figures (default: RUN_DIR)")
+    e.add_argument("--tta", choices=["on", "off"],
+                   help="ensemble folders: score with or without test-time augmentation "
+                        "(default: as the ensemble was made)")
     pr = sub.add_parser(
         "predict", help="classify digits in image files",
         description="Classify the digit in each image (PNG, JPEG, BMP, GIF, WebP; any size, "
@@ -315,9 +318,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     out = args.out or args.run_dir
     if is_ensemble(args.run_dir):
-        report = write_ensemble_report(args.run_dir, out, _load_data(args), device)
+        tta = None if args.tta is None else args.tta == "on"
+        report = write_ensemble_report(args.run_dir, out, _load_data(args), device, tta)
         _print_report(report, out)
         return 0
+    if args.tta is not None:
+        raise UserError("--tta applies to ensemble folders (made by mnist-cnn ensemble)")
     try:
         cfg, model = load_run(args.run_dir, device)
     except FileNotFoundError as e:

@@ -81,9 +81,14 @@ def ensemble_proba(
     return total / (len(runs) * len(views))
 
 
-def write_ensemble_report(folder: Path, out: Path, data: MNIST, device: torch.device) -> dict:
-    """Score the averaged members on validation and test; report.json and figures into out."""
+def write_ensemble_report(
+    folder: Path, out: Path, data: MNIST, device: torch.device, tta: bool | None = None
+) -> dict:
+    """Score the averaged members on validation and test; report.json and figures into out.
+    `tta` overrides the ensemble's own setting (evaluate --tta on|off)."""
     spec = json.loads((folder / "ensemble.json").read_text())
+    if tta is not None:
+        spec["tta"] = tta
     runs = member_dirs(folder)
     members = [json.loads((r / "report.json").read_text()) for r in runs]
     first = TrainConfig.load(runs[0] / "config.json")
