@@ -4,8 +4,9 @@ One affine grid and one bilinear `grid_sample` rotate, scale and shift a whole b
 image centre; pixels that come in from outside the image are 0, MNIST's background. An optional
 elastic distortion (Simard et al., 2003: a random displacement field smoothed by a Gaussian) is
 added to the same grid, so it costs no second resampling. The reference project used rotation
-only (±20°); scale, shift and elastic distortion are off by default. Parameters come from an
-explicit `torch.Generator` on the CPU, so a seed fixes every transform on every device.
+only (±20°); the default recipe adds a shift of up to ±2 pixels (config.py), scale and elastic
+distortion are there to try. Parameters come from an explicit `torch.Generator` on the CPU, so a
+seed fixes every transform on every device.
 """
 
 from __future__ import annotations
@@ -81,10 +82,8 @@ def transform(
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     if displacement is not None:
         # Each output pixel samples from a little further along its field (pixels → grid units).
-        scale = torch.tensor([2 / width, 2 / height], dtype=images.dtype)
-        grid = grid + displacement.to(device=images.device, dtype=images.dtype) * scale.to(
-            images.device
-        )
+        to_grid = torch.tensor([2 / width, 2 / height], dtype=images.dtype, device=images.device)
+        grid = grid + displacement.to(device=images.device, dtype=images.dtype) * to_grid
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
