@@ -5,7 +5,7 @@ import torch
 
 from mnist_cnn.cli import main
 from mnist_cnn.config import TrainConfig
-from mnist_cnn.ensemble import ensemble_proba, member_dirs
+from mnist_cnn.ensemble import ensemble_probas, member_dirs
 from mnist_cnn.model import StrongCNN, count_params
 from mnist_cnn.train import train
 
@@ -52,9 +52,11 @@ def test_tta_gives_probabilities(tmp_path, data_dir, mnist):
     folder = tmp_path / "ens"
     assert main(["ensemble", "--models", "1", *TINY, "--out", str(folder),
                  "--data-dir", str(data_dir)]) == 0
-    plain = ensemble_proba(member_dirs(folder), mnist.test_images[:200], torch.device("cpu"))
-    tta = ensemble_proba(member_dirs(folder), mnist.test_images[:200], torch.device("cpu"),
-                         tta=True)
+    runs, cpu = member_dirs(folder), torch.device("cpu")
+    plain, plain_val = ensemble_probas(runs, [mnist.test_images[:200], mnist.val_images[:50]], cpu)
+    tta = ensemble_probas(runs, [mnist.test_images[:200]], cpu, tta=True)[0]
+    # Scoring several sets in one pass gives what scoring each alone gives.
+    torch.testing.assert_close(plain_val, ensemble_probas(runs, [mnist.val_images[:50]], cpu)[0])
     assert torch.allclose(tta.sum(1), torch.ones(200), atol=1e-4)
     assert not torch.equal(plain, tta)
     assert (tta.argmax(1) == plain.argmax(1)).float().mean() > 0.9

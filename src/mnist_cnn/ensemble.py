@@ -63,22 +63,24 @@ def train_members(
     return [folder / name for name in names]
 
 
-def ensemble_proba(
-    runs: list[Path], images: torch.Tensor, device: torch.device, tta: bool = False
-) -> torch.Tensor:
-    """The members' softmax outputs (over the TTA views when on), averaged."""
-    total = torch.zeros(len(images), 10)
+def ensemble_probas(
+    runs: list[Path], image_sets: list[torch.Tensor], device: torch.device, tta: bool = False
+) -> list[torch.Tensor]:
+    """For each set of uint8 images, the members' softmax outputs (over the TTA views when on),
+    averaged. Each member is loaded once for all the sets."""
+    totals = [torch.zeros(len(images), 10) for images in image_sets]
     views = TTA if tta else TTA[:1]
     for run in runs:
         cfg, model = load_run(run, device)
         amp = resolve_precision(cfg.precision, device)
-        for k, view in enumerate(views):
-            x = images
-            if k > 0:  # view 0 is the identity
-                x = transform(images.unsqueeze(1).float(), view.expand(len(images), 4))
-                x = x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
-            total += predict_proba(model, x, device, amp)
-    return total / (len(runs) * len(views))
+        for images, total in zip(image_sets, totals, strict=True):
+            for k, view in enumerate(views):
+                x = images
+                if k > 0:  # view 0 is the identity
+                    x = transform(images.unsqueeze(1).float(), view.expand(len(images), 4))
+                    x = x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+                total += predict_proba(model, x, device, amp)
+    return [total / (len(runs) * len(views)) for total in totals]
 
 
 def write_ensemble_report(
@@ -93,9 +95,11 @@ def write_ensemble_report(
     members = [json.loads((r / "report.json").read_text()) for r in runs]
     first = TrainConfig.load(runs[0] / "config.json")
     accs = [m["test_accuracy"] for m in members]
+    test_proba, val_proba = ensemble_probas(
+        runs, [data.test_images, data.val_images], device, spec["tta"]
+    )
     return save_report(
-        out, ensemble_proba(runs, data.test_images, device, spec["tta"]),
-        ensemble_proba(runs, data.val_images, device, spec["tta"]), data, read_history(runs[0]),
+        out, test_proba, val_proba, data, read_history(runs[0]),
         sum(m["params"] for m in members),
         {
             "model": first.model, "members": len(runs), "tta": spec["tta"],
