@@ -66,8 +66,10 @@ def test_strong_model_shape_and_training(mnist, tmp_path):
     model = StrongCNN()
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert count_params(model) == 325_994
+    # Rotation only (no shift): 24 steps are too few to learn shifted digits too, and this test is
+    # about the batch-norm statistics, not augmentation (with the shift: 0.63, measured).
     cfg = dataclasses.replace(TrainConfig(), model="strong", dropout=(0.4, 0.4), epochs=1,
-                              train_subset=3000, batch_size=128, precision="fp32")
+                              train_subset=3000, batch_size=128, precision="fp32", max_shift=0.0)
     history = train(cfg, tmp_path / "strong", mnist, torch.device("cpu"), progress=False,
                     log=lambda s: None)
     # The weight average must carry the batch-norm statistics, or validation collapses.
