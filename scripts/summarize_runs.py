@@ -5,7 +5,7 @@
 For each folder (written by `mnist-cnn ensemble`), over its members: the settings that differ
 from the defaults, the seeds, best validation accuracy (mean ± std, what choices are made on),
 the raw weights' best validation accuracy when the run kept a weight average (what the same run
-gives without it), test accuracy (mean ± std, min), test errors, training seconds, and the
+gives without it), test accuracy (mean ± std, and each), test errors, training seconds, and the
 ensemble's own test accuracy and errors. Nothing is re-evaluated: it reads the report.json and
 metrics.jsonl files the commands wrote.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.ensemble import member_dirs
+from mnist_cnn.evaluate import read_history
 
 
 def pct(values: list[float]) -> str:
@@ -39,11 +40,7 @@ def changed_settings(cfg: TrainConfig) -> str:
 def summarize(folder: Path) -> dict:
     runs = member_dirs(folder)
     reports = [json.loads((r / "report.json").read_text()) for r in runs]
-    histories = [
-        [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if line]
-        for r in runs
-    ]
-    raw = [max(h.get("val_accuracy_raw", -1) for h in hist) for hist in histories]
+    raw = [max(h.get("val_accuracy_raw", -1) for h in read_history(r)) for r in runs]
     ensemble = json.loads((folder / "report.json").read_text())
     return {
         "folder": str(folder),
