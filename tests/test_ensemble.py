@@ -19,11 +19,15 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
     report = json.loads((folder / "report.json").read_text())
     assert report["members"] == 2 and len(report["member_test_accuracy"]) == 2
     assert report["seeds"] == [0, 1]
+    # Each member keeps its own best epoch; the ensemble has none of its own.
+    members = [json.loads((run / "report.json").read_text()) for run in member_dirs(folder)]
+    assert report["member_best_epoch"] == [m["best_epoch"] for m in members]
+    assert report["best_epoch"] is None and "best epoch 1, 1 of 1" in capsys.readouterr().out
     for run in member_dirs(folder):
         assert (run / "report.json").exists() and (run / "model.safetensors").exists()
-    for name in ("random_results.png", "wrong_results.png", "confusion_matrix.png"):
+    for name in ("random_results.png", "wrong_results.png", "confusion_matrix.png",
+                 "training_curves.png"):
         assert (folder / name).exists()
-    capsys.readouterr()
 
     # Running the same command again reuses the finished members and gives the same numbers.
     assert main(args) == 0

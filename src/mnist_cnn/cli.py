@@ -408,10 +408,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict, out: Path) -> None:
+    best = report["best_epoch"]
+    if best is None and "member_best_epoch" in report:  # an ensemble
+        best = ", ".join(str(e) for e in report["member_best_epoch"])
     print(
         f"test accuracy {100 * report['test_accuracy']:.2f}% "
         f"({report['test_errors']} of 10,000 wrong), validation {100 * report['val_accuracy']:.2f}%"
-        f", best epoch {report['best_epoch']} of {report['epochs']}, "
+        f", best epoch {best} of {report['epochs']}, "
         f"{report['train_seconds']:.0f}s training\nwrote {out}/report.json and figures"
     )
 

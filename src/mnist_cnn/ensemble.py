@@ -99,10 +99,12 @@ def write_ensemble_report(
         runs, [data.test_images, data.val_images], device, spec["tta"]
     )
     return save_report(
-        out, test_proba, val_proba, data, read_history(runs[0]),
+        out, test_proba, val_proba, data, [read_history(r) for r in runs],
         sum(m["params"] for m in members),
         {
             "model": first.model, "members": len(runs), "tta": spec["tta"],
+            # The ensemble has no best epoch of its own: each member was picked at its own.
+            "best_epoch": None, "member_best_epoch": [m["best_epoch"] for m in members],
             "member_test_accuracy": accs,
             "member_test_accuracy_mean": sum(accs) / len(accs),
             "member_test_accuracy_min": min(accs),

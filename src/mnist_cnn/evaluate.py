@@ -80,15 +80,17 @@ def build_report(
 
 def save_report(
     out_dir: Path, probs: torch.Tensor, val_probs: torch.Tensor, data: MNIST,
-    history: list[dict], params: int, extra: dict, seed: int,
+    histories: list[list[dict]], params: int, extra: dict, seed: int,
 ) -> dict:
-    """Write report.json and the four figures for test/validation probabilities."""
+    """Write report.json and the four figures for test/validation probabilities. `histories`
+    holds the run's metrics, or each member's for an ensemble (the report counts the first's
+    epochs; an ensemble's `extra` gives each member's best epoch)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     val_accuracy = loss_and_accuracy(val_probs, data.val_labels)[1]
-    report = build_report(probs, data.test_labels, val_accuracy, history, params, extra)
+    report = build_report(probs, data.test_labels, val_accuracy, histories[0], params, extra)
     write_json(out_dir / "report.json", report)
     figures.write_all(
-        out_dir, data.test_images, data.test_labels, probs, history,
+        out_dir, data.test_images, data.test_labels, probs, histories,
         report["confusion_matrix"], seed,
     )
     return report
@@ -103,6 +105,6 @@ def write_report(
     history = read_history(run_dir) if history is None else history
     return save_report(
         out_dir, predict_proba(model, data.test_images, device, amp),
-        predict_proba(model, data.val_images, device, amp), data, history, count_params(model),
+        predict_proba(model, data.val_images, device, amp), data, [history], count_params(model),
         {"seed": cfg.seed, "model": cfg.model}, cfg.seed,
     )

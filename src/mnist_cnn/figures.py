@@ -95,37 +95,51 @@ def confusion_matrix(path: Path, matrix: list[list[int]]) -> None:
     _save(fig, path)
 
 
-def training_curves(path: Path, history: list[dict]) -> None:
+def training_curves(path: Path, histories: list[list[dict]]) -> None:
+    """Loss and accuracy per epoch of one run, or of each member of an ensemble."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if history:
+    many = len(histories) > 1
+    lows = []
+    for k, history in enumerate(h for h in histories if h):
         ep = [h["epoch"] for h in history]
-        ax1.plot(ep, [h["train_loss"] for h in history], "o-", ms=3, label="train")
-        ax1.plot(ep, [h["val_loss"] for h in history], "o-", ms=3, label="validation")
-        ax2.plot(ep, [100 * h["train_accuracy"] for h in history], "o-", ms=3, label="train")
-        ax2.plot(ep, [100 * h["val_accuracy"] for h in history], "o-", ms=3, label="validation")
+        name = f"member {k} " if many else ""
+        # One colour per member when there are several (train dashed), else train vs validation.
+        if many:
+            train_style, val_style = {"color": f"C{k}", "ls": "--", "lw": 1}, {"color": f"C{k}"}
+        else:
+            train_style = {"color": "C0", "marker": "o", "ms": 3}
+            val_style = {"color": "C1", "marker": "o", "ms": 3}
+        ax1.plot(ep, [h["train_loss"] for h in history], label=name + "train", **train_style)
+        ax1.plot(ep, [h["val_loss"] for h in history], label=name + "validation", **val_style)
+        if not many:
+            ax2.plot(ep, [100 * h["train_accuracy"] for h in history], label="train", **train_style)
+        ax2.plot(ep, [100 * h["val_accuracy"] for h in history], label=name + "validation",
+                 **val_style)
         best = max(history, key=lambda h: h["val_accuracy"])
-        ax2.axvline(best["epoch"], color="gray", ls=":", lw=1)
-        ax2.annotate(f"best {100 * best['val_accuracy']:.2f}% (epoch {best['epoch']})",
-                     (best["epoch"], 100 * best["val_accuracy"]), textcoords="offset points",
-                     xytext=(-10, -30), ha="right", fontsize=9)
-        lo = min(100 * h["val_accuracy"] for h in history)
-        ax2.set_ylim(max(lo - 0.5, 90), 100)
+        ax2.axvline(best["epoch"], color=f"C{k}" if many else "gray", ls=":", lw=1)
+        if not many:
+            ax2.annotate(f"best {100 * best['val_accuracy']:.2f}% (epoch {best['epoch']})",
+                         (best["epoch"], 100 * best["val_accuracy"]), textcoords="offset points",
+                         xytext=(-10, -30), ha="right", fontsize=9)
+        lows.append(min(100 * h["val_accuracy"] for h in history))
+    if lows:
+        ax2.set_ylim(max(min(lows) - 0.5, 90), 100)
     ax1.set_yscale("log")
     for ax, name in ((ax1, "loss"), (ax2, "accuracy (%)")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7 if many else None)
     ax1.set_title("Loss (train: with dropout and augmentation)")
-    ax2.set_title("Accuracy")
+    ax2.set_title("Validation accuracy of each member" if many else "Accuracy")
     _save(fig, path)
 
 
 def write_all(
     out_dir: Path, images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor,
-    history: list[dict], matrix: list[list[int]], seed: int = 0,
+    histories: list[list[dict]], matrix: list[list[int]], seed: int = 0,
 ) -> None:
     random_results(out_dir / "random_results.png", images, labels, probs, seed)
     wrong_results(out_dir / "wrong_results.png", images, labels, probs)
     confusion_matrix(out_dir / "confusion_matrix.png", matrix)
-    training_curves(out_dir / "training_curves.png", history)
+    training_curves(out_dir / "training_curves.png", histories)
