@@ -100,7 +100,9 @@ def training_curves(path: Path, histories: list[list[dict]]) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     many = len(histories) > 1
     lows = []
-    for k, history in enumerate(h for h in histories if h):
+    for k, history in enumerate(histories):
+        if not history:  # a run with no finished epoch: nothing to draw, numbering kept
+            continue
         ep = [h["epoch"] for h in history]
         name = f"member {k} " if many else ""
         # One colour per member when there are several (train dashed), else train vs validation.
