@@ -8,6 +8,11 @@ the raw weights' best validation accuracy when the run kept a weight average (wh
 gives without it), test accuracy (mean ± std, and each), test errors, training seconds, and the
 ensemble's own test accuracy and errors. Nothing is re-evaluated: it reads the report.json and
 metrics.jsonl files the commands wrote.
+
+Runs that logged `val_accuracy_halves` also get `epoch_choice`: the best epoch chosen on one half
+of the validation images and read on the other (both ways, averaged), against the last epoch
+read the same way. Picking the best of many noisy epochs always looks good on the images it
+was picked on; on the other half it shows whether it picked a better model or a luckier reading.
 """
 
 import dataclasses
@@ -37,6 +42,23 @@ def changed_settings(cfg: TrainConfig) -> str:
     return ", ".join(parts) or "defaults"
 
 
+def epoch_choice(histories: list[list[dict]]) -> dict | None:
+    """Best epoch on one validation half, read on the other, against the last epoch (percent,
+    mean over runs), for runs whose metrics have `val_accuracy_halves`."""
+    picked, last = [], []
+    for history in histories:
+        halves = [h.get("val_accuracy_halves") for h in history]
+        if not halves or any(x is None for x in halves):
+            return None
+        for choose, read in ((0, 1), (1, 0)):
+            # The first best epoch, as training picks it.
+            best = max(range(len(halves)), key=lambda e: halves[e][choose])
+            picked.append(halves[best][read])
+            last.append(halves[-1][read])
+    return {"best_epoch_on_other_half": round(100 * statistics.mean(picked), 3),
+            "last_epoch": round(100 * statistics.mean(last), 3)}
+
+
 def summarize(folder: Path) -> dict:
     runs = member_dirs(folder)
     reports = [json.loads((r / "report.json").read_text()) for r in runs]
@@ -57,6 +79,7 @@ def summarize(folder: Path) -> dict:
         "ensemble_test": round(100 * ensemble["test_accuracy"], 2),
         "ensemble_errors": ensemble["test_errors"],
         "ensemble_val": round(100 * ensemble["val_accuracy"], 2),
+        "epoch_choice": epoch_choice([read_history(r) for r in runs]),
     }
 
 

@@ -74,6 +74,9 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                    help=f"images per training step (default: {d.batch_size})")
     t.add_argument("--lr", type=_positive(float),
                    help=f"peak learning rate of Adam's one-cycle schedule (default: {d.lr})")
+    t.add_argument("--weight-decay", type=_nonnegative, metavar="WD",
+                   help="decoupled weight decay (AdamW): each step multiplies the weights by "
+                        f"1 - lr × WD (default: {d.weight_decay:g}, off)")
     t.add_argument("--seed", type=int,
                    help=f"seed for initialization, data order, rotations and dropout "
                         f"(default: {d.seed})")
@@ -223,9 +226,9 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         base = dataclasses.replace(base, model=args.model, **MODEL_DEFAULTS.get(args.model, {}))
     given = {
         name: getattr(args, name)
-        for name in ("epochs", "batch_size", "lr", "seed", "max_rotation", "max_shift",
-                     "max_scale", "elastic", "elastic_sigma", "padding", "ema", "label_smoothing",
-                     "precision", "train_subset")
+        for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "max_rotation",
+                     "max_shift", "max_scale", "elastic", "elastic_sigma", "padding", "ema",
+                     "label_smoothing", "precision", "train_subset")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:

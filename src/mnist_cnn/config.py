@@ -25,7 +25,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 2e-3  # peak learning rate
     warmup: float = 0.2  # fraction of all steps spent warming up
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled (AdamW): each step multiplies weights by 1 - lr * wd
     ema: float = 0.999  # decay of the weight average that is validated and saved (0: off)
     label_smoothing: float = 0.0
     # Augmentation: random rotation, uniform in ±max_rotation degrees (the reference's), and a
