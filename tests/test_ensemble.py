@@ -22,7 +22,7 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
     # Each member keeps its own best epoch; the ensemble has none of its own.
     members = [json.loads((run / "report.json").read_text()) for run in member_dirs(folder)]
     assert report["member_best_epoch"] == [m["best_epoch"] for m in members]
-    assert report["best_epoch"] is None and "best epoch 1, 1 of 1" in capsys.readouterr().out
+    assert report["best_epoch"] is None and "kept epoch 1, 1 of 1" in capsys.readouterr().out
     for run in member_dirs(folder):
         assert (run / "report.json").exists() and (run / "model.safetensors").exists()
     for name in ("random_results.png", "wrong_results.png", "confusion_matrix.png",
@@ -86,3 +86,26 @@ def test_model_flag_sets_the_models_own_defaults(tmp_path, data_dir):
                  "--data-dir", str(data_dir)]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "strong" and config["dropout"] == [0.4, 0.4]
+
+
+def test_keep_last_epoch_rescores_an_old_best_epoch_ensemble(tmp_path, data_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, out = tmp_path / "ens", tmp_path / "last"
+    assert main(["ensemble", "--models", "1", *TINY, "--epochs", "2", "--select", "best",
+                 "--out", str(folder), "--data-dir", str(data_dir)]) == 0
+    script = Path(__file__).parents[1] / "scripts" / "keep_last_epoch.py"
+    env = os.environ | {"MNIST_DATA_DIR": str(data_dir)}
+    subprocess.run([sys.executable, str(script), str(folder), str(out)], check=True, env=env)
+    member = json.loads((out / "member-0" / "report.json").read_text())
+    assert member["select"] == "last" and member["best_epoch"] == 2
+    assert json.loads((out / "member-0" / "config.json").read_text())["select"] == "last"
+    report = json.loads((out / "report.json").read_text())
+    assert report["select"] == "last" and report["member_test_accuracy"] == [
+        member["test_accuracy"]
+    ]
+    # The source is untouched and still says it kept the best epoch.
+    assert json.loads((folder / "report.json").read_text())["select"] == "best"

@@ -82,6 +82,31 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path):
     assert [h["epoch"] for h in lines] == [1, 2]
 
 
+def test_select_keeps_the_last_or_the_best_epoch(mnist, tmp_path):
+    from safetensors import safe_open
+
+    from mnist_cnn.evaluate import build_report
+
+    def kept_epoch(run):
+        with safe_open(str(run / "model.safetensors"), framework="pt") as f:
+            return json.loads(f.metadata()["epoch"])
+
+    quiet = dict(progress=False, log=lambda s: None)
+    cfg = dataclasses.replace(TINY, epochs=3)
+    last = train(cfg, tmp_path / "last", mnist, CPU, **quiet)
+    best = train(dataclasses.replace(cfg, select="best"), tmp_path / "best", mnist, CPU, **quiet)
+    assert without_time(last) == without_time(best)  # the choice changes nothing in training
+    first_best = max(best, key=lambda h: h["val_accuracy"])["epoch"]
+    assert kept_epoch(tmp_path / "last") == 3 and kept_epoch(tmp_path / "best") == first_best
+    probs, labels = torch.full((4, 10), 0.1), torch.arange(4)
+    assert build_report(probs, labels, 0.9, best, 1, select="best")["best_epoch"] == first_best
+    assert build_report(probs, labels, 0.9, last, 1, select="last")["best_epoch"] == 3
+    # Run folders saved before the choice existed kept the best epoch, and still say so.
+    old = TrainConfig().to_json()
+    del old["select"]
+    assert TrainConfig.from_json(old).select == "best" and TrainConfig().select == "last"
+
+
 def test_weight_decay_is_decoupled_and_zero_is_adam():
     from mnist_cnn.train import make_optimizer
 

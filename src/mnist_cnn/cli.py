@@ -103,6 +103,9 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--ema", type=_nonnegative, metavar="DECAY",
                    help="decay of the weight moving average that is validated and saved; "
                         f"0 turns it off (default: {d.ema})")
+    t.add_argument("--select", choices=["last", "best"],
+                   help="which epoch's weights the run keeps: the last, or the best by "
+                        f"validation accuracy (default: {d.select})")
     t.add_argument("--label-smoothing", type=_nonnegative, metavar="EPS",
                    help=f"label smoothing of the loss (default: {d.label_smoothing})")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"],
@@ -228,7 +231,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         name: getattr(args, name)
         for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "max_rotation",
                      "max_shift", "max_scale", "elastic", "elastic_sigma", "padding", "ema",
-                     "label_smoothing", "precision", "train_subset")
+                     "label_smoothing", "select", "precision", "train_subset")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:
@@ -417,7 +420,7 @@ def _print_report(report: dict, out: Path) -> None:
     print(
         f"test accuracy {100 * report['test_accuracy']:.2f}% "
         f"({report['test_errors']} of 10,000 wrong), validation {100 * report['val_accuracy']:.2f}%"
-        f", best epoch {best} of {report['epochs']}, "
+        f", kept epoch {best} of {report['epochs']}, "
         f"{report['train_seconds']:.0f}s training\nwrote {out}/report.json and figures"
     )
 

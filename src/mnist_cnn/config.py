@@ -27,6 +27,11 @@ class TrainConfig:
     warmup: float = 0.2  # fraction of all steps spent warming up
     weight_decay: float = 0.0  # decoupled (AdamW): each step multiplies weights by 1 - lr * wd
     ema: float = 0.999  # decay of the weight average that is validated and saved (0: off)
+    # Which epoch's weights a run keeps: the last, or the best by validation accuracy. Choosing
+    # the best of 30 epochs on one half of the validation images and reading it on the other half
+    # scored lower than the last epoch on every recipe we checked (docs/RESULTS.md): the best
+    # epoch mostly had the luckiest reading. Run folders from before this choice kept the best.
+    select: str = "last"
     label_smoothing: float = 0.0
     # Augmentation: random rotation, uniform in ±max_rotation degrees (the reference's), and a
     # random shift of up to ±max_shift pixels on each axis (the reference never tried it; chosen
@@ -55,6 +60,7 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in names}
         if "dropout" in d:
             d["dropout"] = tuple(d["dropout"])
+        d.setdefault("select", "best")  # what runs saved before `select` existed kept
         return cls(**d)
 
     def save(self, path: Path) -> None:

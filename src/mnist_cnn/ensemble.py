@@ -111,5 +111,5 @@ def write_ensemble_report(
             "train_seconds": round(sum(m["train_seconds"] for m in members), 2),
             "seeds": [m.get("seed") for m in members],
         },
-        first.seed,
+        first.seed, first.select,
     )

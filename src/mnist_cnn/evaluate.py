@@ -55,20 +55,23 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def build_report(
     probs: torch.Tensor, labels: torch.Tensor, val_accuracy: float | None,
-    history: list[dict], params: int, extra: dict | None = None,
+    history: list[dict], params: int, extra: dict | None = None, select: str = "best",
 ) -> dict:
     pred = probs.argmax(1)
     cm = confusion_matrix(pred, labels)
     per_class = (cm.diag().float() / cm.sum(1).clamp_min(1).float()).tolist()
     test_loss, test_acc = loss_and_accuracy(probs, labels)
-    best = max(history, key=lambda h: h["val_accuracy"]) if history else {}
+    # The epoch whose weights were kept (the first best, as training keeps it, or the last).
+    best = (history[-1] if select == "last" else max(history, key=lambda h: h["val_accuracy"])
+            ) if history else {}
     report = {
         "test_accuracy": test_acc,
         "test_errors": int((pred != labels).sum()),
         "test_loss": test_loss,
         "val_accuracy": val_accuracy,
         "epochs": len(history),
-        "best_epoch": best.get("epoch"),
+        "best_epoch": best.get("epoch"),  # the kept epoch, whichever way it was chosen
+        "select": select,
         "train_seconds": round(sum(h["seconds"] for h in history), 2),
         "params": params,
         "per_class_accuracy": per_class,
@@ -80,14 +83,16 @@ def build_report(
 
 def save_report(
     out_dir: Path, probs: torch.Tensor, val_probs: torch.Tensor, data: MNIST,
-    histories: list[list[dict]], params: int, extra: dict, seed: int,
+    histories: list[list[dict]], params: int, extra: dict, seed: int, select: str = "best",
 ) -> dict:
     """Write report.json and the four figures for test/validation probabilities. `histories`
     holds the run's metrics, or each member's for an ensemble (the report counts the first's
     epochs; an ensemble's `extra` gives each member's best epoch)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     val_accuracy = loss_and_accuracy(val_probs, data.val_labels)[1]
-    report = build_report(probs, data.test_labels, val_accuracy, histories[0], params, extra)
+    report = build_report(
+        probs, data.test_labels, val_accuracy, histories[0], params, extra, select
+    )
     write_json(out_dir / "report.json", report)
     figures.write_all(
         out_dir, data.test_images, data.test_labels, probs, histories,
@@ -106,5 +111,5 @@ def write_report(
     return save_report(
         out_dir, predict_proba(model, data.test_images, device, amp),
         predict_proba(model, data.val_images, device, amp), data, [history], count_params(model),
-        {"seed": cfg.seed, "model": cfg.model}, cfg.seed,
+        {"seed": cfg.seed, "model": cfg.model}, cfg.seed, cfg.select,
     )

@@ -4,7 +4,8 @@ A run folder holds everything about a run:
     config.json                 the TrainConfig (enough to rebuild and re-run)
     metrics.jsonl               one line per finished epoch
     checkpoint.safetensors      the last finished epoch: weights, EMA, optimizer state (resume)
-    model.safetensors           the weights of the best epoch by validation accuracy
+    model.safetensors           the weights kept: the last epoch's, or the best epoch's by
+                                validation accuracy (`select`)
     report.json + figures       written at the end by `evaluate.write_report`
 Every file is replaced atomically, so a run killed at any moment loses at most the current epoch.
 """
@@ -239,6 +240,8 @@ def train(
     rank 0 after each epoch with the model that is validated (used by the benchmark).
     """
     dist = dist or Dist()
+    if cfg.select not in ("last", "best"):
+        raise ValueError(f"select must be 'last' or 'best', not {cfg.select!r}")
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     amp = resolve_precision(cfg.precision, device)
@@ -373,7 +376,7 @@ def train(
                 row["val_accuracy_raw"] = loss_and_accuracy(raw, data.val_labels)[1]
             history.append(row)
             state["train_seconds"] += row["seconds"]
-            if val_acc > state["best_val"]:
+            if cfg.select == "last" or val_acc > state["best_val"]:
                 state["best_val"], state["best_epoch"] = val_acc, epoch
                 save_weights(
                     run_dir / "model.safetensors", evaluated,

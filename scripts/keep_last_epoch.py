@@ -1,0 +1,66 @@
+"""Re-score finished runs as if they had kept their last epoch (`--select last`), without training.
+
+    python scripts/keep_last_epoch.py ENSEMBLE_OR_RUN OUT
+
+Training is the same whichever epoch a run keeps; only model.safetensors differs. A run's final
+checkpoint holds the last epoch's weights (the weight average when the run kept one), so a run
+made before `select` existed can be re-scored with them. OUT gets, for each run, a run folder
+with the original config.json (select set to "last"), metrics.jsonl, a model.safetensors taken
+from the checkpoint, and a fresh report.json and figures; for an ensemble, also the ensemble's
+report.json and figures. The original folders are not touched.
+"""
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mnist_cnn.config import TrainConfig, write_json
+from mnist_cnn.data import load_mnist, resolve_data_dir
+from mnist_cnn.ensemble import is_ensemble, member_dirs, write_ensemble_report
+from mnist_cnn.evaluate import load_run, write_report
+from mnist_cnn.train import _atomic_save
+
+CPU = torch.device("cpu")
+
+
+def keep_last(run: Path, out: Path, data) -> dict:
+    cfg = TrainConfig.load(run / "config.json")
+    history = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines() if s]
+    if len(history) != cfg.epochs:
+        sys.exit(f"{run} is not finished: {len(history)} of {cfg.epochs} epochs")
+    tensors = load_file(str(run / "checkpoint.safetensors"))
+    prefix = "ema." if cfg.ema > 0 else "model."
+    weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    out.mkdir(parents=True, exist_ok=True)
+    dataclasses.replace(cfg, select="last").save(out / "config.json")
+    shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
+    _atomic_save(weights, out / "model.safetensors",
+                 {"epoch": len(history), "val_accuracy": history[-1]["val_accuracy"]})
+    cfg, model = load_run(out, CPU)
+    report = write_report(out, out, model, cfg, data, CPU)
+    print(f"{run} → {out}: test {100 * report['test_accuracy']:.2f}% "
+          f"({report['test_errors']} wrong), validation {100 * report['val_accuracy']:.2f}%")
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    source, target = Path(sys.argv[1]), Path(sys.argv[2])
+    data = load_mnist(resolve_data_dir(None))
+    if is_ensemble(source):
+        runs = member_dirs(source)
+        for run in runs:
+            keep_last(run, target / run.name, data)
+        spec = json.loads((source / "ensemble.json").read_text())
+        write_json(target / "ensemble.json", spec)
+        report = write_ensemble_report(target, target, data, CPU)
+        print(f"ensemble → {target}: test {100 * report['test_accuracy']:.2f}% "
+              f"({report['test_errors']} wrong), validation {100 * report['val_accuracy']:.2f}%")
+    else:
+        keep_last(source, target, data)
