@@ -22,27 +22,27 @@ from safetensors.torch import load_file
 from mnist_cnn.config import TrainConfig, write_json
 from mnist_cnn.data import load_mnist, resolve_data_dir
 from mnist_cnn.ensemble import is_ensemble, member_dirs, write_ensemble_report
-from mnist_cnn.evaluate import load_run, write_report
-from mnist_cnn.train import _atomic_save
+from mnist_cnn.evaluate import read_history, write_report
+from mnist_cnn.train import prepare_model, save_weights
 
 CPU = torch.device("cpu")
 
 
 def keep_last(run: Path, out: Path, data) -> dict:
-    cfg = TrainConfig.load(run / "config.json")
-    history = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines() if s]
+    cfg = dataclasses.replace(TrainConfig.load(run / "config.json"), select="last")
+    history = read_history(run)
     if len(history) != cfg.epochs:
         sys.exit(f"{run} is not finished: {len(history)} of {cfg.epochs} epochs")
     tensors = load_file(str(run / "checkpoint.safetensors"))
     prefix = "ema." if cfg.ema > 0 else "model."
-    weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    model = prepare_model(cfg, CPU)
+    model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     out.mkdir(parents=True, exist_ok=True)
-    dataclasses.replace(cfg, select="last").save(out / "config.json")
+    cfg.save(out / "config.json")
     shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
-    _atomic_save(weights, out / "model.safetensors",
+    save_weights(out / "model.safetensors", model,
                  {"epoch": len(history), "val_accuracy": history[-1]["val_accuracy"]})
-    cfg, model = load_run(out, CPU)
-    report = write_report(out, out, model, cfg, data, CPU)
+    report = write_report(out, out, model, cfg, data, CPU, history)
     print(f"{run} → {out}: test {100 * report['test_accuracy']:.2f}% "
           f"({report['test_errors']} wrong), validation {100 * report['val_accuracy']:.2f}%")
     return report
