@@ -2,10 +2,11 @@
 
     python scripts/summarize_runs.py runs/abl/rot runs/abl/shift2 ...
 
-For each folder (written by `mnist-cnn ensemble`), over its members: the settings that differ
-from the defaults, the seeds, best validation accuracy (mean ± std, what choices are made on),
-the raw weights' best validation accuracy when the run kept a weight average (what the same run
-gives without it), test accuracy (mean ± std, and each), test errors, training seconds, and the
+For each folder (written by `mnist-cnn ensemble`, or one `mnist-cnn train` run folder, summarized
+as an ensemble of one), over its members: the settings that differ from the defaults, the seeds,
+the kept epoch's validation accuracy (mean ± std, what choices are made on) and loss, the raw
+weights' best validation accuracy when the run kept a weight average (what the same run gives
+without it), test accuracy (mean ± std, and each), test errors, training seconds, and the
 ensemble's own test accuracy and errors. Nothing is re-evaluated: it reads the report.json and
 metrics.jsonl files the commands wrote.
 
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 from mnist_cnn.config import TrainConfig
-from mnist_cnn.ensemble import member_dirs
+from mnist_cnn.ensemble import is_ensemble, member_dirs
 from mnist_cnn.evaluate import read_history
 
 
@@ -59,8 +60,13 @@ def epoch_choice(histories: list[list[dict]]) -> dict | None:
             "last_epoch": round(100 * statistics.mean(last), 3)}
 
 
+def kept_val_loss(run: Path, report: dict) -> float:
+    """Validation loss of the epoch the run kept (report.json has its accuracy only)."""
+    return next(h["val_loss"] for h in read_history(run) if h["epoch"] == report["best_epoch"])
+
+
 def summarize(folder: Path) -> dict:
-    runs = member_dirs(folder)
+    runs = member_dirs(folder) if is_ensemble(folder) else [folder]
     reports = [json.loads((r / "report.json").read_text()) for r in runs]
     raw = [max(h.get("val_accuracy_raw", -1) for h in read_history(r)) for r in runs]
     ensemble = json.loads((folder / "report.json").read_text())
@@ -70,6 +76,9 @@ def summarize(folder: Path) -> dict:
         "seeds": [TrainConfig.load(r / "config.json").seed for r in runs],
         "val": pct([r["val_accuracy"] for r in reports]),
         "val_each": [round(100 * r["val_accuracy"], 2) for r in reports],
+        "val_loss_each": [
+            round(kept_val_loss(r, rep), 4) for r, rep in zip(runs, reports, strict=True)
+        ],
         "val_raw": pct(raw) if min(raw) >= 0 else None,
         "test": pct([r["test_accuracy"] for r in reports]),
         "test_each": [round(100 * r["test_accuracy"], 2) for r in reports],

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -23,3 +24,12 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def mnist(data_dir):
     return load_mnist(data_dir, download=False, progress=False)
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module (they are not part of the package)."""
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,6 +2,7 @@ import dataclasses
 import json
 
 import torch
+from conftest import load_script
 
 from mnist_cnn.cli import main
 from mnist_cnn.config import TrainConfig
@@ -50,6 +51,14 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
     assert tta_report["tta"] is True and report["tta"] is False
     assert tta_report["val_accuracy"] != report["val_accuracy"]
     assert json.loads((folder / "ensemble.json").read_text())["tta"] is False
+
+    # The results tables' script reads an ensemble folder and a plain run folder alike.
+    summarize = load_script("summarize_runs").summarize
+    both, one = summarize(folder), summarize(member_dirs(folder)[1])
+    assert both["seeds"] == [0, 1] and one["seeds"] == [1]
+    assert one["test_each"] == both["test_each"][1:] and one["errors"] == both["errors"][1:]
+    assert one["ensemble_errors"] == one["errors"][0]  # a run is an ensemble of one
+    assert one["val_loss_each"] == both["val_loss_each"][1:]
 
 
 def test_tta_gives_probabilities(tmp_path, data_dir, mnist):

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import load_script
 
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.train import Interrupted, lr_at, train
@@ -26,13 +27,7 @@ def test_short_real_training_reaches_sane_accuracy(mnist, tmp_path):
 
 
 def test_epoch_choice_reads_the_other_half():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "scripts" / "summarize_runs.py"
-    spec = importlib.util.spec_from_file_location("summarize_runs", path)
-    summarize_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize_runs)
+    summarize_runs = load_script("summarize_runs")
     # Epoch 2 is the best on half 0 (read on half 1: 0.90), epoch 3 on half 1 (on half 0: 0.94);
     # the last epoch reads 0.99 on half 1 and 0.94 on half 0.
     history = [{"val_accuracy_halves": h} for h in ([0.5, 0.5], [0.99, 0.90], [0.94, 0.99])]
