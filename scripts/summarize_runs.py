@@ -60,15 +60,16 @@ def epoch_choice(histories: list[list[dict]]) -> dict | None:
             "last_epoch": round(100 * statistics.mean(last), 3)}
 
 
-def kept_val_loss(run: Path, report: dict) -> float:
+def kept_val_loss(history: list[dict], report: dict) -> float:
     """Validation loss of the epoch the run kept (report.json has its accuracy only)."""
-    return next(h["val_loss"] for h in read_history(run) if h["epoch"] == report["best_epoch"])
+    return next(h["val_loss"] for h in history if h["epoch"] == report["best_epoch"])
 
 
 def summarize(folder: Path) -> dict:
     runs = member_dirs(folder) if is_ensemble(folder) else [folder]
     reports = [json.loads((r / "report.json").read_text()) for r in runs]
-    raw = [max(h.get("val_accuracy_raw", -1) for h in read_history(r)) for r in runs]
+    histories = [read_history(r) for r in runs]
+    raw = [max(h.get("val_accuracy_raw", -1) for h in history) for history in histories]
     ensemble = json.loads((folder / "report.json").read_text())
     return {
         "folder": str(folder),
@@ -77,7 +78,7 @@ def summarize(folder: Path) -> dict:
         "val": pct([r["val_accuracy"] for r in reports]),
         "val_each": [round(100 * r["val_accuracy"], 2) for r in reports],
         "val_loss_each": [
-            round(kept_val_loss(r, rep), 4) for r, rep in zip(runs, reports, strict=True)
+            round(kept_val_loss(h, rep), 4) for h, rep in zip(histories, reports, strict=True)
         ],
         "val_raw": pct(raw) if min(raw) >= 0 else None,
         "test": pct([r["test_accuracy"] for r in reports]),
@@ -88,7 +89,7 @@ def summarize(folder: Path) -> dict:
         "ensemble_test": round(100 * ensemble["test_accuracy"], 2),
         "ensemble_errors": ensemble["test_errors"],
         "ensemble_val": round(100 * ensemble["val_accuracy"], 2),
-        "epoch_choice": epoch_choice([read_history(r) for r in runs]),
+        "epoch_choice": epoch_choice(histories),
     }
 
 
