@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "evaluate", help="evaluate a run or ensemble folder on the test set",
-        description="Rebuild the best model of a run folder (or the members of an ensemble "
+        description="Rebuild the kept model of a run folder (or the members of an ensemble "
         "folder) and score it on the 10,000 test images; writes report.json and the figures "
         "(the same numbers as at the end of training).",
     )

@@ -1,8 +1,9 @@
 """Evaluation: test-set numbers of a trained model, as report.json and figures.
 
 `write_report` is used at the end of training and by `mnist-cnn evaluate`, so both write the same
-numbers from the same code: the model of the best validation epoch, scored on the 10,000 test
-images. The test set is only reported here, never used to choose anything.
+numbers from the same code: the model of the kept epoch (the last, or with `--select best` the
+best by validation), scored on the 10,000 test images. The test set is only reported here,
+never used to choose anything.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mnist_cnn.train import (
 
 
 def load_run(run_dir: Path, device: torch.device) -> tuple[TrainConfig, nn.Module]:
-    """Rebuild the best model of a run folder from its config.json and model.safetensors."""
+    """Rebuild the kept model of a run folder from its config.json and model.safetensors."""
     run_dir = Path(run_dir)
     for name in ("config.json", "model.safetensors"):
         if not (run_dir / name).is_file():
