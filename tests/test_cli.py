@@ -119,5 +119,5 @@ def test_recipe_flags_reach_the_config():
     assert (cfg.model, cfg.max_shift, cfg.max_scale, cfg.elastic, cfg.elastic_sigma) == (
         "strong", 2, 0.1, 34, 5
     )
-    assert cfg.label_smoothing == 0.1 and cfg.ema == 0 and cfg.dropout == (0.4, 0.4)
+    assert cfg.label_smoothing == 0.1 and cfg.ema == 0 and cfg.dropout == (0.2, 0.2)
     assert cfg.weight_decay == 0.05

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mnist_cnn import __version__
-from mnist_cnn.config import FAST, MODEL_DEFAULTS, TrainConfig
+from mnist_cnn.config import FAST, TrainConfig
 from mnist_cnn.model import MODELS
 
 DEFAULTS = TrainConfig()
@@ -225,11 +225,9 @@ def _new_run_dir() -> Path:
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The recipe (defaults, or --fast) with every flag the user gave applied on top."""
     base = FAST if args.fast else DEFAULTS
-    if args.model:  # the model's own defaults first, then the flags
-        base = dataclasses.replace(base, model=args.model, **MODEL_DEFAULTS.get(args.model, {}))
     given = {
         name: getattr(args, name)
-        for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "max_rotation",
+        for name in ("model", "epochs", "batch_size", "lr", "weight_decay", "seed", "max_rotation",
                      "max_shift", "max_scale", "elastic", "elastic_sigma", "padding", "ema",
                      "label_smoothing", "select", "precision", "train_subset")
         if getattr(args, name) is not None

@@ -92,7 +92,7 @@ class StrongCNN(nn.Module):
     `dropout` is (rate after each stage, rate before the classifier); `padding` is unused.
     """
 
-    def __init__(self, dropout: tuple[float, float] = (0.4, 0.4), padding: str = "same") -> None:
+    def __init__(self, dropout: tuple[float, float] = (0.2, 0.2), padding: str = "same") -> None:
         super().__init__()
         self.features = nn.Sequential(
             *_conv_bn(1, 32, 3), *_conv_bn(32, 32, 3), *_conv_bn(32, 32, 5, 2, 2),
