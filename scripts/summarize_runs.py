@@ -5,10 +5,10 @@
 For each folder (written by `mnist-cnn ensemble`, or one `mnist-cnn train` run folder, summarized
 as an ensemble of one), over its members: the settings that differ from the defaults, the seeds,
 the kept epoch's validation accuracy (mean ± std, what choices are made on) and loss, the raw
-weights' best validation accuracy when the run kept a weight average (what the same run gives
-without it), test accuracy (mean ± std, and each), test errors, training seconds, and the
-ensemble's own test accuracy and errors. Nothing is re-evaluated: it reads the report.json and
-metrics.jsonl files the commands wrote.
+weights' validation accuracy when the run kept a weight average (what the same run gives without
+it: its last epoch's, or its best epoch's for runs that kept the best), test accuracy (mean ± std,
+and each), test errors, training seconds, and the ensemble's own test accuracy and errors.
+Nothing is re-evaluated: it reads the report.json and metrics.jsonl files the commands wrote.
 
 Runs that logged `val_accuracy_halves` also get `epoch_choice`: the best epoch chosen on one half
 of the validation images and read on the other (both ways, averaged), against the last epoch
@@ -65,16 +65,24 @@ def kept_val_loss(history: list[dict], report: dict) -> float:
     return next(h["val_loss"] for h in history if h["epoch"] == report["best_epoch"])
 
 
+def raw_val_accuracy(history: list[dict], select: str) -> float:
+    """The plain weights' validation accuracy at the epoch the same rule would keep for them
+    (-1 when the run logged none: no weight average)."""
+    raw = [h.get("val_accuracy_raw", -1) for h in history]
+    return raw[-1] if select == "last" else max(raw)
+
+
 def summarize(folder: Path) -> dict:
     runs = member_dirs(folder) if is_ensemble(folder) else [folder]
     reports = [json.loads((r / "report.json").read_text()) for r in runs]
     histories = [read_history(r) for r in runs]
-    raw = [max(h.get("val_accuracy_raw", -1) for h in history) for history in histories]
+    configs = [TrainConfig.load(r / "config.json") for r in runs]
+    raw = [raw_val_accuracy(h, c.select) for h, c in zip(histories, configs, strict=True)]
     ensemble = json.loads((folder / "report.json").read_text())
     return {
         "folder": str(folder),
-        "settings": changed_settings(TrainConfig.load(runs[0] / "config.json")),
-        "seeds": [TrainConfig.load(r / "config.json").seed for r in runs],
+        "settings": changed_settings(configs[0]),
+        "seeds": [c.seed for c in configs],
         "val": pct([r["val_accuracy"] for r in reports]),
         "val_each": [round(100 * r["val_accuracy"], 2) for r in reports],
         "val_loss_each": [

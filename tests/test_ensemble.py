@@ -59,6 +59,10 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
     assert one["test_each"] == both["test_each"][1:] and one["errors"] == both["errors"][1:]
     assert one["ensemble_errors"] == one["errors"][0]  # a run is an ensemble of one
     assert one["val_loss_each"] == both["val_loss_each"][1:]
+    # The plain weights are read at the epoch the run's rule keeps: the last one here.
+    last = [json.loads(line) for line in (member_dirs(folder)[1] / "metrics.jsonl").read_text()
+            .splitlines()][-1]
+    assert one["val_raw"] == f"{100 * last['val_accuracy_raw']:.3f} ± 0.000"
 
 
 def test_tta_gives_probabilities(tmp_path, data_dir, mnist):
