@@ -8,6 +8,7 @@ the kept epoch's validation accuracy (mean ± std, what choices are made on) and
 weights' validation accuracy when the run kept a weight average (what the same run gives without
 it: its last epoch's, or its best epoch's for runs that kept the best), test accuracy (mean ± std,
 and each), test errors, training seconds, and the ensemble's own test accuracy and errors.
+An ensemble stopped part-way is summarized over its finished members (no ensemble figures).
 Nothing is re-evaluated: it reads the report.json and metrics.jsonl files the commands wrote.
 
 Runs that logged `val_accuracy_halves` also get `epoch_choice`: the best epoch chosen on one half
@@ -74,11 +75,17 @@ def raw_val_accuracy(history: list[dict], select: str) -> float:
 
 def summarize(folder: Path) -> dict:
     runs = member_dirs(folder) if is_ensemble(folder) else [folder]
+    # An ensemble stopped part-way has finished members, maybe one half-trained, and no report
+    # of its own: summarize the finished members (the ensemble fields are then None).
+    runs = [r for r in runs if (r / "report.json").is_file()]
+    if not runs:
+        sys.exit(f"{folder}: no finished run (no report.json)")
     reports = [json.loads((r / "report.json").read_text()) for r in runs]
     histories = [read_history(r) for r in runs]
     configs = [TrainConfig.load(r / "config.json") for r in runs]
     raw = [raw_val_accuracy(h, c.select) for h, c in zip(histories, configs, strict=True)]
-    ensemble = json.loads((folder / "report.json").read_text())
+    ensemble_path = folder / "report.json"
+    ensemble = json.loads(ensemble_path.read_text()) if ensemble_path.is_file() else None
     return {
         "folder": str(folder),
         "settings": changed_settings(configs[0]),
@@ -94,9 +101,9 @@ def summarize(folder: Path) -> dict:
         "errors": [r["test_errors"] for r in reports],
         "best_epochs": [r["best_epoch"] for r in reports],
         "train_seconds": [round(r["train_seconds"]) for r in reports],
-        "ensemble_test": round(100 * ensemble["test_accuracy"], 2),
-        "ensemble_errors": ensemble["test_errors"],
-        "ensemble_val": round(100 * ensemble["val_accuracy"], 2),
+        "ensemble_test": round(100 * ensemble["test_accuracy"], 2) if ensemble else None,
+        "ensemble_errors": ensemble["test_errors"] if ensemble else None,
+        "ensemble_val": round(100 * ensemble["val_accuracy"], 2) if ensemble else None,
         "epoch_choice": epoch_choice(histories),
     }
 

@@ -63,6 +63,12 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
     last = [json.loads(line) for line in (member_dirs(folder)[1] / "metrics.jsonl").read_text()
             .splitlines()][-1]
     assert one["val_raw"] == f"{100 * last['val_accuracy_raw']:.3f} ± 0.000"
+    # An ensemble stopped during its second member: the finished one is summarized, alone.
+    (folder / "report.json").unlink()
+    (member_dirs(folder)[1] / "report.json").unlink()
+    stopped = summarize(folder)
+    assert stopped["seeds"] == [0] and stopped["test_each"] == both["test_each"][:1]
+    assert stopped["ensemble_test"] is None
 
 
 def test_tta_gives_probabilities(tmp_path, data_dir, mnist):
