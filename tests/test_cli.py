@@ -57,6 +57,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["evaluate", "/nonexistent/run", "--tta", "on"], "applies to ensemble folders"),
         (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
         (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
+        (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
     ],
 )
 def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):

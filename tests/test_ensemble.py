@@ -89,6 +89,11 @@ def test_strong_model_shape_and_training(mnist, tmp_path):
     model = StrongCNN()
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert count_params(model) == 325_994
+    # --width multiplies every layer's channels: 48/96/192 at 1.5.
+    wide = StrongCNN(width=1.5)
+    assert wide(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert [m.out_channels for m in wide.features if isinstance(m, torch.nn.Conv2d)] == [
+        48, 48, 48, 96, 96, 96, 192]
     # Rotation only (no shift): 24 steps are too few to learn shifted digits too, and this test is
     # about the batch-norm statistics, not augmentation (with the shift: 0.63, measured).
     cfg = dataclasses.replace(TrainConfig(), model="strong", dropout=(0.4, 0.4), epochs=1,

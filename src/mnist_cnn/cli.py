@@ -68,6 +68,9 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--model", choices=list(MODELS),
                    help=f"architecture: reference (the reference table) or strong (batch norm, "
                         f"more and smaller convolutions) (default: {d.model})")
+    t.add_argument("--width", type=_positive(float), metavar="W",
+                   help="strong model only: multiply its channels by W (1.5: 48/96/192 "
+                        f"channels, about 2.2x the arithmetic) (default: {d.width:g})")
     # Recipe flags default to None: unset ones take the value of the recipe (defaults or --fast).
     t.add_argument("--epochs", type=_positive(int), help=f"epochs to train (default: {d.epochs})")
     t.add_argument("--batch-size", type=_positive(int),
@@ -227,16 +230,19 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = FAST if args.fast else DEFAULTS
     given = {
         name: getattr(args, name)
-        for name in ("model", "epochs", "batch_size", "lr", "weight_decay", "seed", "max_rotation",
-                     "max_shift", "max_scale", "elastic", "elastic_sigma", "padding", "ema",
-                     "label_smoothing", "select", "precision", "train_subset")
+        for name in ("model", "width", "epochs", "batch_size", "lr", "weight_decay", "seed",
+                     "max_rotation", "max_shift", "max_scale", "elastic", "elastic_sigma",
+                     "padding", "ema", "label_smoothing", "select", "precision", "train_subset")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:
         given["dropout"] = tuple(args.dropout)
     if args.no_augment:
         given["augment"] = False
-    return dataclasses.replace(base, **given)
+    cfg = dataclasses.replace(base, **given)
+    if cfg.width != 1 and cfg.model != "strong":
+        raise UserError("--width applies to --model strong only (the reference layers are fixed)")
+    return cfg
 
 
 def _load_data(args: argparse.Namespace, quiet: bool = False):

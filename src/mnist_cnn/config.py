@@ -20,6 +20,7 @@ class TrainConfig:
     # adopted by the rule that the higher validation mean wins). The strong model, too, did better
     # with 0.2/0.2 than with its earlier 0.4/0.4 (by 0.02), so both models share the default.
     model: str = "reference"
+    width: float = 1.0  # channel multiplier of the strong model (the reference's are fixed)
     padding: str = "same"
     dropout: tuple[float, float] = (0.2, 0.2)  # drop rates of the two dropout layers
     # Optimization: Adam with a one-cycle schedule (linear warm-up, then linear decay to 0).

@@ -71,7 +71,9 @@ def autocast(device: torch.device, amp: torch.dtype | None):
 
 
 def prepare_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    model = build_model(cfg.model, dropout=tuple(cfg.dropout), padding=cfg.padding)
+    model = build_model(
+        cfg.model, width=cfg.width, dropout=tuple(cfg.dropout), padding=cfg.padding
+    )
     # channels-last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
     return model.to(device=device, memory_format=torch.channels_last)
 
