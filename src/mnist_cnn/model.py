@@ -44,10 +44,14 @@ class Dropout(nn.Module):
 
 
 class ReferenceCNN(nn.Module):
-    def __init__(self, dropout: tuple[float, float] = (0.3, 0.7), padding: str = "same") -> None:
+    def __init__(
+        self, dropout: tuple[float, float] = (0.3, 0.7), padding: str = "same", width: float = 1.0
+    ) -> None:
         super().__init__()
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', not {padding!r}")
+        if width != 1:  # the reference table's channels, exactly (`width` is the strong model's)
+            raise ValueError(f"the reference layers' channels are fixed: width 1, not {width}")
         same = padding == "same"
         side = 7 if same else 6
         self.features = nn.Sequential(
@@ -120,12 +124,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(name: str = "reference", width: float = 1.0, **kwargs) -> nn.Module:
+def build_model(name: str = "reference", **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
-    if name == "strong":
-        kwargs["width"] = width
-    elif width != 1:
-        # The reference layers are the reference table's, channel for channel.
-        raise ValueError(f"width applies to the strong model only, not {name!r}")
     return MODELS[name](**kwargs)
