@@ -58,6 +58,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
         (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
         (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
+        (["train", "--epochs", "2", "--clean-epochs", "3"], "is more than the 2 epochs"),
     ],
 )
 def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):

@@ -145,3 +145,19 @@ def test_elastic_distortion_trains_and_changes_the_run(mnist, tmp_path):
                     **quiet)
     assert elastic[0]["val_accuracy"] > 0.5  # 1,500 images, one epoch: well above chance
     assert without_time(elastic) != without_time(plain)
+
+
+def test_clean_epochs_turn_augmentation_off_at_the_end(mnist, tmp_path):
+    quiet = dict(progress=False, log=lambda s: None)
+    augmented = train(TINY, tmp_path / "aug", mnist, CPU, **quiet)
+    clean_last = train(dataclasses.replace(TINY, clean_epochs=1), tmp_path / "c1", mnist, CPU,
+                       **quiet)
+    clean_all = train(dataclasses.replace(TINY, clean_epochs=2), tmp_path / "c2", mnist, CPU,
+                      **quiet)
+    plain = train(dataclasses.replace(TINY, augment=False), tmp_path / "plain", mnist, CPU,
+                  **quiet)
+    # The first epoch is the augmented run's; the second differs from it.
+    assert without_time(clean_last)[0] == without_time(augmented)[0]
+    assert without_time(clean_last)[1] != without_time(augmented)[1]
+    # Clean for every epoch is exactly a run without augmentation.
+    assert without_time(clean_all) == without_time(plain)

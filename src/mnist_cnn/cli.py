@@ -31,27 +31,27 @@ def _dropout(text: str) -> tuple[float, float]:
     return p1, p2
 
 
-def _positive(kind):
+def _bounded(kind, low, inclusive: bool):
+    """An argparse type: a number of `kind` above `low` (or at least `low` when inclusive)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        if value < low or (value == low and not inclusive):
+            word = f"{low} or more" if inclusive else "positive"
+            raise argparse.ArgumentTypeError(f"must be {word}, got {text!r}")
         return value
 
     return parse
 
 
-def _nonnegative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-    return value
+def _positive(kind):
+    return _bounded(kind, 0, inclusive=False)
+
+
+_nonnegative = _bounded(float, 0, inclusive=True)
+_nonnegative_int = _bounded(int, 0, inclusive=True)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -96,6 +96,9 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                         f"(default: {d.elastic:g}, off)")
     t.add_argument("--elastic-sigma", type=_positive(float), metavar="PX",
                    help=f"smoothness of the elastic distortion (default: {d.elastic_sigma:g})")
+    t.add_argument("--clean-epochs", type=_nonnegative_int, metavar="K",
+                   help="train the last K epochs without augmentation "
+                        f"(default: {d.clean_epochs})")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
     t.add_argument("--dropout", type=_dropout, metavar="P1,P2",
                    help="drop rates of the two dropout layers "
@@ -232,7 +235,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         name: getattr(args, name)
         for name in ("model", "width", "epochs", "batch_size", "lr", "weight_decay", "seed",
                      "max_rotation", "max_shift", "max_scale", "elastic", "elastic_sigma",
-                     "padding", "ema", "label_smoothing", "select", "precision", "train_subset")
+                     "clean_epochs", "padding", "ema", "label_smoothing", "select", "precision",
+                     "train_subset")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:
@@ -242,6 +246,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = dataclasses.replace(base, **given)
     if cfg.width != 1 and cfg.model != "strong":
         raise UserError("--width applies to --model strong only (the reference layers are fixed)")
+    if cfg.clean_epochs > cfg.epochs:
+        raise UserError(f"--clean-epochs {cfg.clean_epochs} is more than the {cfg.epochs} epochs")
     return cfg
 
 

@@ -47,6 +47,10 @@ class TrainConfig:
     max_scale: float = 0.0
     elastic: float = 0.0  # elastic distortion strength alpha in pixels (0: off; Simard used 34)
     elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
+    # The last clean_epochs epochs train on the images as they are: the augmentation regularizes
+    # the early epochs, and the low-learning-rate end of the schedule then fits the digits as
+    # they are written (0: augment every epoch).
+    clean_epochs: int = 0
     # Reproducibility and hardware.
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it fast)

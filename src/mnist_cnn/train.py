@@ -290,6 +290,7 @@ def train(
             gen = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed + dist.rank)  # dropout masks
             order = torch.randperm(n, generator=gen).to(device)
+            augment = cfg.augment and epoch <= cfg.epochs - cfg.clean_epochs
             net.train()
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
@@ -302,10 +303,10 @@ def train(
                 # Transforms are drawn for the whole global batch, so every rank stays in step.
                 params = sample_transforms(
                     len(idx), cfg.max_rotation, cfg.max_shift, cfg.max_scale, gen
-                ) if cfg.augment else None
+                ) if augment else None
                 field = sample_displacement(
                     len(idx), train_x.shape[-1], cfg.elastic, cfg.elastic_sigma, gen
-                ) if cfg.augment and cfg.elastic > 0 else None
+                ) if augment and cfg.elastic > 0 else None
                 if dist.world > 1:
                     idx = idx[dist.rank :: dist.world]
                     params = params[dist.rank :: dist.world] if params is not None else None
