@@ -37,6 +37,12 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
         report["test_accuracy"]
     )
 
+    # Other flags into the same folder: one clear line, and nothing reused, trained or written.
+    assert main([*args, "--lr", "0.004"]) == 2
+    err = capsys.readouterr().err
+    assert "member-0 was trained with other settings: lr 0.002 (asked: 0.004)" in err
+    assert json.loads((folder / "report.json").read_text()) == report
+
     out = tmp_path / "eval"
     assert main(["evaluate", str(folder), "--out", str(out), "--data-dir", str(data_dir)]) == 0
     again = json.loads((out / "report.json").read_text())

@@ -350,7 +350,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from mnist_cnn.ensemble import train_members, write_ensemble_report
+    from mnist_cnn.ensemble import RecipeMismatch, train_members, write_ensemble_report
     from mnist_cnn.train import Interrupted
 
     device = _device(args.device)
@@ -362,6 +362,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     try:
         train_members(cfg, folder, args.models, data, device, args.tta,
                       progress=sys.stderr.isatty(), log=lambda s: print(s, flush=True))
+    except RecipeMismatch as e:
+        raise UserError(str(e)) from None
     except Interrupted as stop:
         print(f"\nInterrupted in {stop.run_dir}; finished members are kept.\n"
               f"Continue with the same command (it reuses them).", file=sys.stderr)

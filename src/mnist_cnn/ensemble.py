@@ -37,13 +37,32 @@ def member_dirs(folder: Path) -> list[Path]:
     return [Path(folder) / name for name in names]
 
 
+class RecipeMismatch(ValueError):
+    """A member already in the ensemble folder was started with another recipe."""
+
+
 def train_members(
     cfg: TrainConfig, folder: Path, models: int, data: MNIST, device: torch.device,
     tta: bool = False, progress: bool = True, log=print,
 ) -> list[Path]:
-    """Train (or reuse, or resume) members with seeds cfg.seed, cfg.seed + 1, ..."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Train (or reuse, or resume) members with seeds cfg.seed, cfg.seed + 1, ...
+
+    A member already in the folder is reused or resumed only if it was started with this
+    recipe: otherwise the ensemble would silently mix recipes (RecipeMismatch, before any work)."""
     names = [f"member-{k}" for k in range(models)]
+    for k, name in enumerate(names):
+        saved_path = folder / name / "config.json"
+        if saved_path.is_file():
+            saved = dataclasses.asdict(TrainConfig.load(saved_path))
+            wanted = dataclasses.asdict(dataclasses.replace(cfg, seed=cfg.seed + k))
+            diff = [f"{key} {saved[key]} (asked: {wanted[key]})"
+                    for key in saved if saved[key] != wanted[key]]
+            if diff:
+                raise RecipeMismatch(
+                    f"{folder / name} was trained with other settings: {', '.join(diff)}; "
+                    "give the same flags to continue it, or another --out"
+                )
+    folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "ensemble.json", {"members": names, "tta": tta})
     for k, name in enumerate(names):
         run = folder / name
