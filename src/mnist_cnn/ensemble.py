@@ -50,11 +50,12 @@ def train_members(
     A member already in the folder is reused or resumed only if it was started with this
     recipe: otherwise the ensemble would silently mix recipes (RecipeMismatch, before any work)."""
     names = [f"member-{k}" for k in range(models)]
-    for k, name in enumerate(names):
+    member_cfgs = [dataclasses.replace(cfg, seed=cfg.seed + k) for k in range(models)]
+    for name, member_cfg in zip(names, member_cfgs, strict=True):
         saved_path = folder / name / "config.json"
         if saved_path.is_file():
             saved = dataclasses.asdict(TrainConfig.load(saved_path))
-            wanted = dataclasses.asdict(dataclasses.replace(cfg, seed=cfg.seed + k))
+            wanted = dataclasses.asdict(member_cfg)
             diff = [f"{key} {saved[key]} (asked: {wanted[key]})"
                     for key in saved if saved[key] != wanted[key]]
             if diff:
@@ -64,15 +65,13 @@ def train_members(
                 )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "ensemble.json", {"members": names, "tta": tta})
-    for k, name in enumerate(names):
+    for name, member_cfg in zip(names, member_cfgs, strict=True):
         run = folder / name
-        member_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
         if (run / "report.json").is_file():
             log(f"{name}: finished earlier, reused")
             continue
+        # A member with a checkpoint resumes; its saved config is member_cfg (checked above).
         resume = (run / "checkpoint.safetensors").is_file()
-        if resume:
-            member_cfg = TrainConfig.load(run / "config.json")
         log(f"{name}: {'resuming' if resume else 'training'} (seed {member_cfg.seed})")
         train(member_cfg, run, data, device, resume=resume, progress=progress, log=log)
         _, model = load_run(run, device)
