@@ -35,11 +35,13 @@ def pct(values: list[float]) -> str:
 
 
 def changed_settings(cfg: TrainConfig) -> str:
-    default = TrainConfig()
+    default = dataclasses.asdict(TrainConfig())
+    # The default number of clean epochs follows the model and the epochs: compare with that.
+    default["clean_epochs"] = dataclasses.replace(cfg, clean_epochs=None).n_clean_epochs()
     skip = {"seed", "train_subset"}
     parts = [
-        f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-        if f.name not in skip and getattr(cfg, f.name) != getattr(default, f.name)
+        f"{name}={value}" for name, value in dataclasses.asdict(cfg).items()
+        if name not in skip and value != default[name]
     ]
     return ", ".join(parts) or "defaults"
 

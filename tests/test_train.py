@@ -56,8 +56,12 @@ def test_raw_weights_of_an_ema_run_are_a_run_without_ema(mnist, tmp_path):
     assert [h["val_accuracy"] for h in with_ema] != [h["val_accuracy"] for h in without]
 
 
-def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path):
-    full = train(TINY, tmp_path / "full", mnist, CPU, progress=False, log=lambda s: None)
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path, optimizer):
+    cfg = dataclasses.replace(TINY, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else TINY.lr,
+                              weight_decay=5e-4 if optimizer == "sgd" else 0.0)
+    full = train(cfg, tmp_path / "full", mnist, CPU, progress=False, log=lambda s: None)
+    assert full[-1]["val_accuracy"] > 0.5  # both optimizers learn (1,500 images, two epochs)
 
     def ctrl_c_after_first_epoch(line):
         if line.startswith("epoch   1/"):
@@ -65,13 +69,14 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path):
 
     run = tmp_path / "cut"
     with pytest.raises(Interrupted) as stop:
-        train(TINY, run, mnist, CPU, progress=False, log=ctrl_c_after_first_epoch)
+        train(cfg, run, mnist, CPU, progress=False, log=ctrl_c_after_first_epoch)
     assert stop.value.epochs_done == 1
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert (run / "model.safetensors").exists() and (run / "checkpoint.safetensors").exists()
 
-    cfg = TrainConfig.load(run / "config.json")
-    resumed = train(cfg, run, mnist, CPU, resume=True, progress=False, log=lambda s: None)
+    saved = TrainConfig.load(run / "config.json")
+    assert saved == dataclasses.replace(cfg, clean_epochs=0)  # TINY's default, resolved
+    resumed = train(saved, run, mnist, CPU, resume=True, progress=False, log=lambda s: None)
     assert without_time(resumed) == without_time(full)
     lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in lines] == [1, 2]
@@ -161,3 +166,31 @@ def test_clean_epochs_turn_augmentation_off_at_the_end(mnist, tmp_path):
     assert without_time(clean_last)[1] != without_time(augmented)[1]
     # Clean for every epoch is exactly a run without augmentation.
     assert without_time(clean_all) == without_time(plain)
+
+
+def test_clean_epochs_default_to_a_tenth_of_the_epochs():
+    assert TrainConfig().n_clean_epochs() == 3  # 3 of the default 30
+    assert TrainConfig(model="strong").n_clean_epochs() == 0  # it lost on validation there
+    # A change of --epochs moves the default with it (a short run augments throughout) ...
+    assert dataclasses.replace(TrainConfig(), epochs=100).n_clean_epochs() == 10
+    assert TINY.n_clean_epochs() == 0 and TrainConfig(augment=False).n_clean_epochs() == 0
+    # ... a number given is used as given, and config.json records what the run did.
+    assert TrainConfig(clean_epochs=5).n_clean_epochs() == 5
+    assert TrainConfig().to_json()["clean_epochs"] == 3
+    assert TrainConfig.from_json(TrainConfig().to_json()).clean_epochs == 3
+    # Run folders saved before the option existed augmented every epoch.
+    old = TrainConfig().to_json()
+    del old["clean_epochs"]
+    assert TrainConfig.from_json(old).n_clean_epochs() == 0
+
+
+def test_sgd_is_nesterov_with_l2_weight_decay():
+    from mnist_cnn.train import make_optimizer
+
+    opt = make_optimizer(torch.nn.Linear(3, 10), TrainConfig(optimizer="sgd", lr=0.1,
+                                                             weight_decay=5e-4))
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert group["nesterov"] and group["momentum"] == 0.9 and group["weight_decay"] == 5e-4
+    with pytest.raises(ValueError, match="optimizer must be"):
+        make_optimizer(torch.nn.Linear(3, 10), TrainConfig(optimizer="lion"))

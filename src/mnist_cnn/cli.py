@@ -75,11 +75,16 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=_positive(int), help=f"epochs to train (default: {d.epochs})")
     t.add_argument("--batch-size", type=_positive(int),
                    help=f"images per training step (default: {d.batch_size})")
+    t.add_argument("--optimizer", choices=["adam", "sgd"],
+                   help="adam, or sgd with Nesterov momentum 0.9; both follow the one-cycle "
+                        f"schedule (default: {d.optimizer})")
     t.add_argument("--lr", type=_positive(float),
-                   help=f"peak learning rate of Adam's one-cycle schedule (default: {d.lr})")
+                   help=f"peak learning rate of the one-cycle schedule (default: {d.lr}; "
+                        "sgd wants a far larger one, e.g. 0.1)")
     t.add_argument("--weight-decay", type=_nonnegative, metavar="WD",
-                   help="decoupled weight decay (AdamW): each step multiplies the weights by "
-                        f"1 - lr × WD (default: {d.weight_decay:g}, off)")
+                   help="weight decay: with adam decoupled (AdamW), each step multiplies the "
+                        "weights by 1 - lr × WD; with sgd an L2 term WD × w in the gradient "
+                        f"(default: {d.weight_decay:g}, off)")
     t.add_argument("--seed", type=int,
                    help=f"seed for initialization, data order, rotations and dropout "
                         f"(default: {d.seed})")
@@ -97,8 +102,9 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--elastic-sigma", type=_positive(float), metavar="PX",
                    help=f"smoothness of the elastic distortion (default: {d.elastic_sigma:g})")
     t.add_argument("--clean-epochs", type=_nonnegative_int, metavar="K",
-                   help="train the last K epochs without augmentation "
-                        f"(default: {d.clean_epochs})")
+                   help="train the last K epochs without augmentation (default: for the "
+                        "reference model a tenth of the epochs, rounded down, "
+                        f"{d.n_clean_epochs()} of {d.epochs}; for the strong model 0)")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
     t.add_argument("--dropout", type=_dropout, metavar="P1,P2",
                    help="drop rates of the two dropout layers "
@@ -233,8 +239,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = FAST if args.fast else DEFAULTS
     given = {
         name: getattr(args, name)
-        for name in ("model", "width", "epochs", "batch_size", "lr", "weight_decay", "seed",
-                     "max_rotation", "max_shift", "max_scale", "elastic", "elastic_sigma",
+        for name in ("model", "width", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
+                     "seed", "max_rotation", "max_shift", "max_scale", "elastic", "elastic_sigma",
                      "clean_epochs", "padding", "ema", "label_smoothing", "select", "precision",
                      "train_subset")
         if getattr(args, name) is not None
@@ -246,7 +252,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = dataclasses.replace(base, **given)
     if cfg.width != 1 and cfg.model != "strong":
         raise UserError("--width applies to --model strong only (the reference layers are fixed)")
-    if cfg.clean_epochs > cfg.epochs:
+    if cfg.clean_epochs is not None and cfg.clean_epochs > cfg.epochs:
         raise UserError(f"--clean-epochs {cfg.clean_epochs} is more than the {cfg.epochs} epochs")
     return cfg
 

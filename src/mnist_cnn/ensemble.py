@@ -54,8 +54,9 @@ def train_members(
     for name, member_cfg in zip(names, member_cfgs, strict=True):
         saved_path = folder / name / "config.json"
         if saved_path.is_file():
-            saved = dataclasses.asdict(TrainConfig.load(saved_path))
-            wanted = dataclasses.asdict(member_cfg)
+            # As written to config.json: settings left to their default are resolved there.
+            saved = TrainConfig.load(saved_path).to_json()
+            wanted = member_cfg.to_json()
             diff = [f"{key} {saved[key]} (asked: {wanted[key]})"
                     for key in saved if saved[key] != wanted[key]]
             if diff:
