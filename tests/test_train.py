@@ -194,3 +194,34 @@ def test_sgd_is_nesterov_with_l2_weight_decay():
     assert group["nesterov"] and group["momentum"] == 0.9 and group["weight_decay"] == 5e-4
     with pytest.raises(ValueError, match="optimizer must be"):
         make_optimizer(torch.nn.Linear(3, 10), TrainConfig(optimizer="lion"))
+
+
+def test_the_weight_average_gets_batchnorm_statistics_of_its_own(mnist, tmp_path):
+    from mnist_cnn.data import normalize
+    from mnist_cnn.evaluate import load_run
+    from mnist_cnn.model import build_model
+    from mnist_cnn.train import BN_IMAGES, recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("strong", dropout=(0.5, 0.5))
+    images = torch.randint(0, 256, (512, 28, 28), dtype=torch.uint8)
+    recalibrate_batchnorm(model, images, CPU)
+    # The first layer's mean is the plain average over all the images (two equal batches) ...
+    with torch.no_grad():
+        out = model.features[0](normalize(images.unsqueeze(1).float() / 255))
+    assert torch.allclose(model.features[1].running_mean, out.mean((0, 2, 3)), atol=1e-5)
+    # ... and with dropout off, a second pass gives the same statistics, to the bit.
+    stats = [b.clone() for b in model.buffers()]
+    recalibrate_batchnorm(model, images, CPU)
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers(), strict=True))
+    assert not model.training
+
+    # A strong run saves its weight average with the statistics recomputed for it.
+    cfg = dataclasses.replace(TINY, model="strong", epochs=1)
+    history = train(cfg, tmp_path / "s", mnist, CPU, progress=False, log=lambda s: None)
+    _, saved = load_run(tmp_path / "s", CPU)
+    again = [b.clone() for b in saved.buffers()]
+    # (on the images it trained on: TINY's first 1,500)
+    recalibrate_batchnorm(saved, mnist.train_images[: min(BN_IMAGES, cfg.train_subset)], CPU)
+    assert all(torch.allclose(a, b) for a, b in zip(again, saved.buffers(), strict=True))
+    assert history[0]["val_accuracy"] > 0.5

@@ -32,7 +32,9 @@ class TrainConfig:
     # Adam: decoupled (AdamW), each step multiplies the weights by 1 - lr * wd; SGD: the classic
     # L2 term wd * w added to the gradient (PyTorch's SGD weight_decay).
     weight_decay: float = 0.0
-    ema: float = 0.999  # decay of the weight average that is validated and saved (0: off)
+    # Decay of the weight average that is validated and saved (0: off). Models with batch norm
+    # get its statistics recomputed for the average each epoch (train.recalibrate_batchnorm).
+    ema: float = 0.999
     # Which epoch's weights a run keeps: the last, or the best by validation accuracy. Choosing
     # the best of 30 epochs on one half of the validation images and reading it on the other half
     # scored 0.04 points below the last epoch over nine runs (never above it in the six the

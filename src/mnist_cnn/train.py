@@ -94,6 +94,40 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
+# The weight average's batch-norm statistics are gathered on this many training images (the
+# first; about a second an epoch for the strong model, nothing for the reference layers).
+BN_IMAGES = 10_000
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, images: torch.Tensor, device: torch.device,
+    amp: torch.dtype | None = None, batch: int = 256,
+) -> None:
+    """Recompute the batch-norm statistics of `model` on uint8 images [N, 28, 28], as plain
+    averages over all of them, unaugmented and with dropout off: as the model will be used.
+
+    The weight average (EMA) has no statistics of its own: each training step copies the live
+    model's, gathered for other weights, on augmented images, with dropout on. Leaves the model
+    in eval mode; a model without batch norm is left as it is."""
+    model.eval()  # dropout off ...
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over all batches
+        bn.train()  # ... while batch norm gathers statistics
+    for i in range(0, len(images), batch):
+        x = normalize(images[i : i + batch].to(device).unsqueeze(1).float().div_(255.0))
+        with autocast(device, amp):
+            model(x.contiguous(memory_format=torch.channels_last))
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
+    model.eval()
+
+
 # --------------------------------------------------------------------------- evaluation helpers
 @torch.inference_mode()
 def predict_proba(
@@ -341,7 +375,8 @@ def train(
                         torch._foreach_lerp_(
                             list(ema.parameters()), list(model.parameters()), 1 - d
                         )
-                        # Batch-norm statistics are not averaged: the average uses the latest.
+                        # Batch-norm statistics are not averaged: the average uses the
+                        # latest, until the end of the epoch gives it its own.
                         for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
                             b_ema.copy_(b)
                 loss_sum += loss.detach() * len(idx)
@@ -361,6 +396,9 @@ def train(
             if not dist.main:
                 continue
             evaluated = ema if ema is not None else model
+            if ema is not None:
+                # Its own batch-norm statistics (the next step overwrites them: no feedback).
+                recalibrate_batchnorm(ema, train_x[:BN_IMAGES], device, amp)
             probs = predict_proba(evaluated, data.val_images, device, amp)
             val_loss, val_acc = loss_and_accuracy(probs, data.val_labels)
             row = {
