@@ -46,14 +46,16 @@ def rescore(run: Path, data, out: Path | None) -> dict:
     row = {"run": str(run)}
     for name in ("saved", "recalibrated"):
         if name == "recalibrated":
-            recalibrate_batchnorm(model, data.train_images[:BN_IMAGES], CPU, amp)
+            # The images training gives it: the first of the (possibly subset) training images.
+            images = data.train_images[: min(BN_IMAGES, cfg.train_subset or BN_IMAGES)]
+            recalibrate_batchnorm(model, images, CPU, amp)
         val_probs = predict_proba(model, data.val_images, CPU, amp)
         vl, va = loss_and_accuracy(val_probs, data.val_labels)
         tl, ta = loss_and_accuracy(predict_proba(model, data.test_images, CPU, amp),
                                    data.test_labels)
         row[name] = {"val": round(100 * va, 2), "val_loss": round(vl, 4),
                      "test": round(100 * ta, 2), "test_loss": round(tl, 4)}
-    if out is not None:  # the re-scored model's numbers (the loop's last)
+    if out is not None:  # val_probs, vl, va: the re-scored model's (the loop's last pass)
         history = read_history(run)
         hit = (val_probs.argmax(1) == data.val_labels).float()
         history[-1] |= {"val_loss": vl, "val_accuracy": va,

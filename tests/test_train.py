@@ -204,9 +204,9 @@ def test_the_weight_average_gets_batchnorm_statistics_of_its_own(mnist, tmp_path
 
     torch.manual_seed(0)
     model = build_model("strong", dropout=(0.5, 0.5))
-    images = torch.randint(0, 256, (512, 28, 28), dtype=torch.uint8)
+    images = torch.randint(0, 256, (600, 28, 28), dtype=torch.uint8)
     recalibrate_batchnorm(model, images, CPU)
-    # The first layer's mean is the plain average over all the images (two equal batches) ...
+    # The first layer's mean is the plain average over all the images (three batches of 200) ...
     with torch.no_grad():
         out = model.features[0](normalize(images.unsqueeze(1).float() / 255))
     assert torch.allclose(model.features[1].running_mean, out.mean((0, 2, 3)), atol=1e-5)

@@ -23,7 +23,8 @@ class TrainConfig:
     width: float = 1.0  # channel multiplier of the strong model (the reference's are fixed)
     padding: str = "same"
     dropout: tuple[float, float] = (0.2, 0.2)  # drop rates of the two dropout layers
-    # Optimization: Adam with a one-cycle schedule (linear warm-up, then linear decay to 0).
+    # Optimization: Adam (or SGD) with a one-cycle schedule (linear warm-up, then linear decay
+    # to 0).
     optimizer: str = "adam"  # adam | sgd (Nesterov momentum 0.9)
     epochs: int = 30
     batch_size: int = 256

@@ -104,14 +104,15 @@ def recalibrate_batchnorm(
     model: nn.Module, images: torch.Tensor, device: torch.device,
     amp: torch.dtype | None = None, batch: int = 256,
 ) -> None:
-    """Recompute the batch-norm statistics of `model` on uint8 images [N, 28, 28], as plain
-    averages over all of them, unaugmented and with dropout off: as the model will be used.
+    """Recompute the batch-norm statistics of `model` on uint8 images [N, 28, 28], unaugmented
+    and with dropout off (as the model will be used): the average over batches of equal size
+    (within one image), so every image counts the same.
 
     The weight average (EMA) has no statistics of its own: each training step copies the live
     model's, gathered for other weights, on augmented images, with dropout on. Leaves the model
     in eval mode; a model without batch norm is left as it is."""
     model.eval()  # dropout off ...
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
     if not norms:
         return
     momenta = [bn.momentum for bn in norms]
@@ -119,8 +120,8 @@ def recalibrate_batchnorm(
         bn.reset_running_stats()
         bn.momentum = None  # a cumulative average over all batches
         bn.train()  # ... while batch norm gathers statistics
-    for i in range(0, len(images), batch):
-        x = normalize(images[i : i + batch].to(device).unsqueeze(1).float().div_(255.0))
+    for chunk in torch.tensor_split(images, math.ceil(len(images) / batch)):
+        x = normalize(chunk.to(device).unsqueeze(1).float().div_(255.0))
         with autocast(device, amp):
             model(x.contiguous(memory_format=torch.channels_last))
     for bn, momentum in zip(norms, momenta, strict=True):
