@@ -28,6 +28,7 @@ from mnist_cnn.ensemble import is_ensemble, member_dirs, write_ensemble_report
 from mnist_cnn.evaluate import load_run, read_history, write_report
 from mnist_cnn.train import (
     BN_IMAGES,
+    accuracy_halves,
     loss_and_accuracy,
     predict_proba,
     recalibrate_batchnorm,
@@ -43,30 +44,31 @@ def rescore(run: Path, data, out: Path | None) -> dict:
     if cfg.select != "last" or cfg.ema == 0:
         raise SystemExit(f"{run}: only runs that kept the last epoch's weight average")
     amp = resolve_precision(cfg.precision, CPU)
-    row = {"run": str(run)}
-    for name in ("saved", "recalibrated"):
-        if name == "recalibrated":
-            # The images training gives it: the first of the (possibly subset) training images.
-            images = data.train_images[: min(BN_IMAGES, cfg.train_subset or BN_IMAGES)]
-            recalibrate_batchnorm(model, images, CPU, amp)
+
+    def score() -> tuple[torch.Tensor, dict]:
         val_probs = predict_proba(model, data.val_images, CPU, amp)
         vl, va = loss_and_accuracy(val_probs, data.val_labels)
         tl, ta = loss_and_accuracy(predict_proba(model, data.test_images, CPU, amp),
                                    data.test_labels)
-        row[name] = {"val": round(100 * va, 2), "val_loss": round(vl, 4),
-                     "test": round(100 * ta, 2), "test_loss": round(tl, 4)}
-    if out is not None:  # val_probs, vl, va: the re-scored model's (the loop's last pass)
+        return val_probs, {"val": round(100 * va, 2), "val_loss": round(vl, 4),
+                           "test": round(100 * ta, 2), "test_loss": round(tl, 4)}
+
+    _, saved = score()
+    # The images training gives it: the first of the (possibly subset) training images.
+    recalibrate_batchnorm(model, data.train_images[: cfg.train_subset][:BN_IMAGES], CPU, amp)
+    val_probs, recalibrated = score()
+    if out is not None:
         history = read_history(run)
-        hit = (val_probs.argmax(1) == data.val_labels).float()
+        vl, va = loss_and_accuracy(val_probs, data.val_labels)
         history[-1] |= {"val_loss": vl, "val_accuracy": va,
-                        "val_accuracy_halves": [hit[0::2].mean().item(), hit[1::2].mean().item()]}
+                        "val_accuracy_halves": accuracy_halves(val_probs, data.val_labels)}
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(run / "config.json", out / "config.json")
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         save_weights(out / "model.safetensors", model,
                      {"epoch": len(history), "val_accuracy": va})
         write_report(out, out, model, cfg, data, CPU, history)
-    return row
+    return {"run": str(run), "saved": saved, "recalibrated": recalibrated}
 
 
 def main() -> None:

@@ -108,9 +108,9 @@ def recalibrate_batchnorm(
     and with dropout off (as the model will be used): the average over batches of equal size
     (within one image), so every image counts the same.
 
-    The weight average (EMA) has no statistics of its own: each training step copies the live
-    model's, gathered for other weights, on augmented images, with dropout on. Leaves the model
-    in eval mode; a model without batch norm is left as it is."""
+    The weight average (EMA) has no statistics of its own: the live model's were gathered for
+    other weights, on augmented images, with dropout on. Leaves the model in eval mode; a model
+    without batch norm is left as it is."""
     model.eval()  # dropout off ...
     norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
     if not norms:
@@ -157,6 +157,12 @@ def predict_proba(
 def loss_and_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     return loss, (probs.argmax(1) == labels).float().mean().item()
+
+
+def accuracy_halves(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Accuracy on the even- and on the odd-numbered images apart."""
+    hit = (probs.argmax(1) == labels).float()
+    return [hit[0::2].mean().item(), hit[1::2].mean().item()]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -376,10 +382,8 @@ def train(
                         torch._foreach_lerp_(
                             list(ema.parameters()), list(model.parameters()), 1 - d
                         )
-                        # Batch-norm statistics are not averaged: the average uses the
-                        # latest, until the end of the epoch gives it its own.
-                        for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
-                            b_ema.copy_(b)
+                        # Its batch-norm statistics are not averaged: the end of the epoch
+                        # recomputes them for it (recalibrate_batchnorm).
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.argmax(1) == y).sum()
                 if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
@@ -398,7 +402,7 @@ def train(
                 continue
             evaluated = ema if ema is not None else model
             if ema is not None:
-                # Its own batch-norm statistics (the next step overwrites them: no feedback).
+                # Its own batch-norm statistics; the average never feeds back into training.
                 recalibrate_batchnorm(ema, train_x[:BN_IMAGES], device, amp)
             probs = predict_proba(evaluated, data.val_images, device, amp)
             val_loss, val_acc = loss_and_accuracy(probs, data.val_labels)
@@ -415,8 +419,7 @@ def train(
             # Accuracy on the even- and odd-numbered validation images apart: choosing the best
             # epoch on one half and reading the other tells whether picking the best of many
             # epochs finds better models or luckier readings (scripts/summarize_runs.py).
-            hit = (probs.argmax(1) == data.val_labels).float()
-            row["val_accuracy_halves"] = [hit[0::2].mean().item(), hit[1::2].mean().item()]
+            row["val_accuracy_halves"] = accuracy_halves(probs, data.val_labels)
             if ema is not None:
                 # The raw weights are exactly what a run without the average would have (the
                 # average never feeds back into training), so this one number measures the EMA.
