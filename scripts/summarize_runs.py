@@ -36,8 +36,10 @@ def pct(values: list[float]) -> str:
 
 def changed_settings(cfg: TrainConfig) -> str:
     default = dataclasses.asdict(TrainConfig())
-    # The default number of clean epochs follows the model and the epochs: compare with that.
+    # The default clean epochs follow the model and the epochs, its rotation the model: compare
+    # with those.
     default["clean_epochs"] = dataclasses.replace(cfg, clean_epochs=None).n_clean_epochs()
+    default["max_rotation"] = dataclasses.replace(cfg, max_rotation=None).rotation()
     skip = {"seed", "train_subset"}
     parts = [
         f"{name}={value}" for name, value in dataclasses.asdict(cfg).items()

@@ -5,7 +5,9 @@ from mnist_cnn.augment import (
     rotate,
     sample_angles,
     sample_displacement,
+    sample_thickness,
     sample_transforms,
+    thicken,
     transform,
 )
 from mnist_cnn.model import Dropout, ReferenceCNN, count_params
@@ -117,3 +119,22 @@ def test_elastic_displacement_moves_pixels_by_the_field():
     rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     centre = torch.stack([(warped * rows).sum(), (warped * cols).sum()]) / warped.sum()
     assert (centre - 13.5).abs().max() < 2.0
+
+
+def test_thicken_blends_towards_grey_dilation_and_erosion():
+    bar = torch.zeros(1, 1, 28, 28)
+    bar[0, 0, 4:24, 12:15] = 1.0  # a vertical stroke 3 pixels wide
+    bars = bar.expand(5, 1, 28, 28)
+    out = thicken(bars, torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))
+    torch.testing.assert_close(out[2], bar[0])  # amount 0: unchanged
+    # 1: one pixel wider on each side (5 wide, 22 tall); -1: one narrower (1 wide, 18 tall).
+    assert out[4, 0].nonzero().amin(0).tolist() == [3, 11]
+    assert out[4, 0].nonzero().amax(0).tolist() == [24, 15]
+    torch.testing.assert_close(out[4].sum(), torch.tensor(5.0 * 22))
+    torch.testing.assert_close(out[0].sum(), torch.tensor(1.0 * 18))
+    # In between, a blend: ink grows with the amount, and the image stays in [0, 1].
+    ink = out.sum((1, 2, 3))
+    assert (ink[1:] > ink[:-1]).all()
+    assert out.min() >= 0 and out.max() <= 1
+    amounts = sample_thickness(1000, 0.5, torch.Generator().manual_seed(0))
+    assert amounts.abs().max() <= 0.5 and amounts.min() < -0.45 and amounts.max() > 0.45

@@ -75,7 +75,8 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path, opt
     assert (run / "model.safetensors").exists() and (run / "checkpoint.safetensors").exists()
 
     saved = TrainConfig.load(run / "config.json")
-    assert saved == dataclasses.replace(cfg, clean_epochs=0)  # TINY's default, resolved
+    # TINY's defaults, resolved
+    assert saved == dataclasses.replace(cfg, clean_epochs=0, max_rotation=25.0)
     resumed = train(saved, run, mnist, CPU, resume=True, progress=False, log=lambda s: None)
     assert without_time(resumed) == without_time(full)
     lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
@@ -142,14 +143,15 @@ def test_one_cycle_schedule():
     assert all(lr_at(s, 100, cfg) >= lr_at(s + 1, 100, cfg) for s in range(25, 100))
 
 
-def test_elastic_distortion_trains_and_changes_the_run(mnist, tmp_path):
+def test_elastic_distortion_and_thickness_train_and_change_the_run(mnist, tmp_path):
     quiet = dict(progress=False, log=lambda s: None)
     one = dataclasses.replace(TINY, epochs=1)
     plain = train(one, tmp_path / "plain", mnist, CPU, **quiet)
-    elastic = train(dataclasses.replace(one, elastic=34.0), tmp_path / "elastic", mnist, CPU,
-                    **quiet)
-    assert elastic[0]["val_accuracy"] > 0.5  # 1,500 images, one epoch: well above chance
-    assert without_time(elastic) != without_time(plain)
+    for change in (dict(elastic=34.0), dict(max_thickness=0.5)):
+        name = next(iter(change))
+        changed = train(dataclasses.replace(one, **change), tmp_path / name, mnist, CPU, **quiet)
+        assert changed[0]["val_accuracy"] > 0.5  # 1,500 images, one epoch: well above chance
+        assert without_time(changed) != without_time(plain)
 
 
 def test_clean_epochs_turn_augmentation_off_at_the_end(mnist, tmp_path):
@@ -182,6 +184,16 @@ def test_clean_epochs_default_to_a_tenth_of_the_epochs():
     old = TrainConfig().to_json()
     del old["clean_epochs"]
     assert TrainConfig.from_json(old).n_clean_epochs() == 0
+
+
+def test_rotation_defaults_to_25_degrees_for_the_reference_layers_20_for_strong():
+    assert TrainConfig().rotation() == 25.0
+    assert TrainConfig(model="strong").rotation() == 20.0  # 25 not measured there
+    assert TrainConfig(max_rotation=10).rotation() == 10.0
+    assert TrainConfig(model="strong", max_rotation=0).rotation() == 0.0
+    # config.json records the angle used, so a change of default cannot change a saved run.
+    assert TrainConfig(model="strong").to_json()["max_rotation"] == 20.0
+    assert TrainConfig.from_json(TrainConfig().to_json()).max_rotation == 25.0
 
 
 def test_sgd_is_nesterov_with_l2_weight_decay():

@@ -3,10 +3,12 @@
 One affine grid and one bilinear `grid_sample` rotate, scale and shift a whole batch about the
 image centre; pixels that come in from outside the image are 0, MNIST's background. An optional
 elastic distortion (Simard et al., 2003: a random displacement field smoothed by a Gaussian) is
-added to the same grid, so it costs no second resampling. The reference project used rotation
-only (±20°); the default recipe adds a shift of up to ±2 pixels (config.py), scale and elastic
-distortion are there to try. Parameters come from an explicit `torch.Generator` on the CPU, so a
-seed fixes every transform on every device.
+added to the same grid, so it costs no second resampling. A stroke-thickness change (a blend
+towards a 3×3 grey dilation or erosion, before the resampling) imitates thicker and thinner pens.
+The reference project used rotation only (±20°); the default recipe adds a shift of up to ±2
+pixels and widens the rotation to ±25° for the reference layers (config.py); scale, elastic
+distortion and thickness are there to try. Parameters come from an explicit `torch.Generator`
+on the CPU, so a seed fixes every transform on every device.
 """
 
 from __future__ import annotations
@@ -57,6 +59,25 @@ def sample_displacement(
     noise = F.conv2d(noise, kernel.view(1, 1, 1, -1), padding=(0, radius))
     noise = F.conv2d(noise, kernel.view(1, 1, -1, 1), padding=(radius, 0))
     return (noise * alpha).view(n, 2, size, size).permute(0, 2, 3, 1)
+
+
+def sample_thickness(
+    n: int, max_thickness: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """n stroke-thickness amounts, uniform in ±max_thickness (for `thicken`)."""
+    return (torch.rand(n, generator=generator) * 2 - 1) * max_thickness
+
+
+def thicken(images: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """Make the strokes of float images [N, 1, H, W] thicker or thinner, per image: an amount
+    of 1 is a 3×3 grey dilation (every stroke one pixel wider on each side), -1 a 3×3 erosion,
+    and amounts in between blend the image with them (a half-grey edge is how a slightly
+    thicker or thinner pen looks once digitized, and a blend keeps a thin stroke from vanishing
+    entirely)."""
+    a = amount.to(device=images.device, dtype=images.dtype).view(-1, 1, 1, 1)
+    grown = F.max_pool2d(images, 3, stride=1, padding=1)
+    shrunk = -F.max_pool2d(-images, 3, stride=1, padding=1)
+    return images + a.clamp(min=0) * (grown - images) + (-a).clamp(min=0) * (shrunk - images)
 
 
 def transform(

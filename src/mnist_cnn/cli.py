@@ -90,7 +90,9 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                         f"(default: {d.seed})")
     _add_common(t)
     t.add_argument("--max-rotation", type=_nonnegative, metavar="DEG",
-                   help=f"random rotation uniform in ±DEG degrees (default: {d.max_rotation:g})")
+                   help="random rotation uniform in ±DEG degrees (default: "
+                        f"{d.rotation():g} for the reference model, "
+                        f"{TrainConfig(model='strong').rotation():g} for strong)")
     t.add_argument("--max-shift", type=_nonnegative, metavar="PX",
                    help="random shift uniform in ±PX pixels on each axis "
                         f"(default: {d.max_shift:g})")
@@ -101,6 +103,10 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                         f"(default: {d.elastic:g}, off)")
     t.add_argument("--elastic-sigma", type=_positive(float), metavar="PX",
                    help=f"smoothness of the elastic distortion (default: {d.elastic_sigma:g})")
+    t.add_argument("--max-thickness", type=_nonnegative, metavar="T",
+                   help="random stroke thickness change uniform in ±T (1: a 3x3 dilation, one "
+                        f"pixel wider each side; -1 an erosion) (default: {d.max_thickness:g}, "
+                        "off)")
     t.add_argument("--clean-epochs", type=_nonnegative_int, metavar="K",
                    help="train the last K epochs without augmentation (default: for the "
                         "reference model a tenth of the epochs, rounded down, "
@@ -241,8 +247,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         name: getattr(args, name)
         for name in ("model", "width", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
                      "seed", "max_rotation", "max_shift", "max_scale", "elastic", "elastic_sigma",
-                     "clean_epochs", "padding", "ema", "label_smoothing", "select", "precision",
-                     "train_subset")
+                     "max_thickness", "clean_epochs", "padding", "ema", "label_smoothing",
+                     "select", "precision", "train_subset")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:

@@ -26,7 +26,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from mnist_cnn.augment import sample_displacement, sample_transforms, transform
+from mnist_cnn.augment import (
+    sample_displacement,
+    sample_thickness,
+    sample_transforms,
+    thicken,
+    transform,
+)
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import MNIST, normalize
 from mnist_cnn.model import build_model
@@ -349,18 +355,25 @@ def train(
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 # Transforms are drawn for the whole global batch, so every rank stays in step.
                 params = sample_transforms(
-                    len(idx), cfg.max_rotation, cfg.max_shift, cfg.max_scale, gen
+                    len(idx), cfg.rotation(), cfg.max_shift, cfg.max_scale, gen
                 ) if augment else None
                 field = sample_displacement(
                     len(idx), train_x.shape[-1], cfg.elastic, cfg.elastic_sigma, gen
                 ) if augment and cfg.elastic > 0 else None
+                # Drawn last, so runs without it draw exactly what they did before it existed.
+                thick = sample_thickness(
+                    len(idx), cfg.max_thickness, gen
+                ) if augment and cfg.max_thickness > 0 else None
                 if dist.world > 1:
                     idx = idx[dist.rank :: dist.world]
                     params = params[dist.rank :: dist.world] if params is not None else None
                     field = field[dist.rank :: dist.world] if field is not None else None
+                    thick = thick[dist.rank :: dist.world] if thick is not None else None
                 x = train_x[idx].unsqueeze(1).float().div_(255.0)
+                if thick is not None:
+                    x = thicken(x, thick)
                 if params is not None and (
-                    cfg.max_rotation or cfg.max_shift or cfg.max_scale or field is not None
+                    cfg.rotation() or cfg.max_shift or cfg.max_scale or field is not None
                 ):
                     x = transform(x, params, field)
                 x = normalize(x).contiguous(memory_format=torch.channels_last)
