@@ -37,6 +37,9 @@ def main() -> None:
               "test": (data.test_images, data.test_labels)}
     for folder in args.folders:
         runs = [r for r in member_dirs(folder) if (r / "report.json").is_file()]
+        if not runs:
+            print(json.dumps({"folder": str(folder), "members": 0}), flush=True)
+            continue
         wrong = {name: [] for name in splits}  # per split: one bool row per member
         for run in runs:
             cfg, model = load_run(run, CPU)

@@ -77,7 +77,8 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [["--dropout", "0.3"], ["--dropout", "1.5,0.3"], ["--epochs", "0"]])
+@pytest.mark.parametrize("bad", [["--dropout", "0.3"], ["--dropout", "1.5,0.3"], ["--epochs", "0"],
+                                 ["--max-thickness", "1.5"]])
 def test_bad_flags_are_rejected_by_the_parser(bad, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", *bad])

@@ -54,6 +54,14 @@ _nonnegative = _bounded(float, 0, inclusive=True)
 _nonnegative_int = _bounded(int, 0, inclusive=True)
 
 
+def _unit(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    value = _nonnegative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or less, got {text!r}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to compute (default: auto = cuda if available, else cpu)")
@@ -103,10 +111,10 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                         f"(default: {d.elastic:g}, off)")
     t.add_argument("--elastic-sigma", type=_positive(float), metavar="PX",
                    help=f"smoothness of the elastic distortion (default: {d.elastic_sigma:g})")
-    t.add_argument("--max-thickness", type=_nonnegative, metavar="T",
-                   help="random stroke thickness change uniform in ±T (1: a 3x3 dilation, one "
-                        f"pixel wider each side; -1 an erosion) (default: {d.max_thickness:g}, "
-                        "off)")
+    t.add_argument("--max-thickness", type=_unit, metavar="T",
+                   help="random stroke thickness change uniform in ±T, T at most 1 (1: a 3x3 "
+                        "dilation, one pixel wider each side; -1 an erosion) (default: "
+                        f"{d.max_thickness:g}, off)")
     t.add_argument("--clean-epochs", type=_nonnegative_int, metavar="K",
                    help="train the last K epochs without augmentation (default: for the "
                         "reference model a tenth of the epochs, rounded down, "

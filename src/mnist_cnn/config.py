@@ -98,6 +98,7 @@ class TrainConfig:
             d["dropout"] = tuple(d["dropout"])
         d.setdefault("select", "best")  # what runs saved before `select` existed kept
         d.setdefault("clean_epochs", 0)  # and runs saved before `clean_epochs` augmented throughout
+        d.setdefault("max_rotation", 20.0)  # the only default before the per-model one
         return cls(**d)
 
     def save(self, path: Path) -> None:
