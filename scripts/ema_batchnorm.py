@@ -24,7 +24,7 @@ import torch
 
 from mnist_cnn.config import write_json
 from mnist_cnn.data import load_mnist
-from mnist_cnn.ensemble import is_ensemble, member_dirs, write_ensemble_report
+from mnist_cnn.ensemble import finished_runs, is_ensemble, write_ensemble_report
 from mnist_cnn.evaluate import load_run, read_history, write_report
 from mnist_cnn.train import (
     BN_IMAGES,
@@ -81,8 +81,7 @@ def main() -> None:
     data = load_mnist(None, progress=False)
     rows = []
     for folder in args.folders:
-        runs = member_dirs(folder) if is_ensemble(folder) else [folder]
-        runs = [r for r in runs if (r / "report.json").is_file()]  # finished members only
+        runs = finished_runs(folder)
         for run in runs:
             target = None if args.out is None else (
                 args.out / run.name if is_ensemble(folder) else args.out)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mnist_cnn.data import load_mnist
-from mnist_cnn.ensemble import is_ensemble, member_dirs
+from mnist_cnn.ensemble import finished_runs, is_ensemble
 from mnist_cnn.evaluate import load_run
 from mnist_cnn.train import predict_proba, resolve_precision
 
@@ -36,7 +36,7 @@ def main() -> None:
     splits = {"validation": (data.val_images, data.val_labels),
               "test": (data.test_images, data.test_labels)}
     for folder in args.folders:
-        runs = [r for r in member_dirs(folder) if (r / "report.json").is_file()]
+        runs = finished_runs(folder)
         if not runs:
             print(json.dumps({"folder": str(folder), "members": 0}), flush=True)
             continue

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from mnist_cnn.config import TrainConfig
-from mnist_cnn.ensemble import is_ensemble, member_dirs
+from mnist_cnn.ensemble import finished_runs
 from mnist_cnn.evaluate import read_history
 
 
@@ -78,10 +78,9 @@ def raw_val_accuracy(history: list[dict], select: str) -> float:
 
 
 def summarize(folder: Path) -> dict:
-    runs = member_dirs(folder) if is_ensemble(folder) else [folder]
     # An ensemble stopped part-way has finished members, maybe one half-trained, and no report
     # of its own: summarize the finished members (the ensemble fields are then None).
-    runs = [r for r in runs if (r / "report.json").is_file()]
+    runs = finished_runs(folder)
     if not runs:
         sys.exit(f"{folder}: no finished run (no report.json)")
     reports = [json.loads((r / "report.json").read_text()) for r in runs]

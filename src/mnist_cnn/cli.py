@@ -31,8 +31,9 @@ def _dropout(text: str) -> tuple[float, float]:
     return p1, p2
 
 
-def _bounded(kind, low, inclusive: bool):
-    """An argparse type: a number of `kind` above `low` (or at least `low` when inclusive)."""
+def _bounded(kind, low, inclusive: bool, high=None):
+    """An argparse type: a number of `kind` above `low` (or at least `low` when inclusive), and
+    at most `high` if given."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -41,6 +42,8 @@ def _bounded(kind, low, inclusive: bool):
         if value < low or (value == low and not inclusive):
             word = f"{low} or more" if inclusive else "positive"
             raise argparse.ArgumentTypeError(f"must be {word}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be {high} or less, got {text!r}")
         return value
 
     return parse
@@ -52,14 +55,7 @@ def _positive(kind):
 
 _nonnegative = _bounded(float, 0, inclusive=True)
 _nonnegative_int = _bounded(int, 0, inclusive=True)
-
-
-def _unit(text: str) -> float:
-    """An argparse type: a number in [0, 1]."""
-    value = _nonnegative(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or less, got {text!r}")
-    return value
+_unit = _bounded(float, 0, inclusive=True, high=1)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -37,6 +37,13 @@ def member_dirs(folder: Path) -> list[Path]:
     return [Path(folder) / name for name in names]
 
 
+def finished_runs(folder: Path) -> list[Path]:
+    """The finished runs (those with a report.json) of a run folder (itself) or of an ensemble
+    folder (its members; one stopped part-way may have unfinished ones)."""
+    runs = member_dirs(folder) if is_ensemble(folder) else [Path(folder)]
+    return [r for r in runs if (r / "report.json").is_file()]
+
+
 class RecipeMismatch(ValueError):
     """A member already in the ensemble folder was started with another recipe."""
 
