@@ -116,11 +116,11 @@ def test_recipe_flags_reach_the_config():
     args = build_parser().parse_args(
         ["train", "--model", "strong", "--max-shift", "2", "--max-scale", "0.1", "--elastic", "34",
          "--elastic-sigma", "5", "--label-smoothing", "0.1", "--ema", "0",
-         "--weight-decay", "0.05", "--max-thickness", "0.5"]
+         "--weight-decay", "0.05", "--max-thickness", "0.5", "--max-shear", "0.2"]
     )
     cfg = _config_from_args(args)
     assert (cfg.model, cfg.max_shift, cfg.max_scale, cfg.elastic, cfg.elastic_sigma) == (
         "strong", 2, 0.1, 34, 5
     )
     assert cfg.label_smoothing == 0.1 and cfg.ema == 0 and cfg.dropout == (0.2, 0.2)
-    assert cfg.weight_decay == 0.05 and cfg.max_thickness == 0.5
+    assert cfg.weight_decay == 0.05 and cfg.max_thickness == 0.5 and cfg.max_shear == 0.2

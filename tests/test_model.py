@@ -121,6 +121,27 @@ def test_elastic_displacement_moves_pixels_by_the_field():
     assert (centre - 13.5).abs().max() < 2.0
 
 
+def test_shear_slants_a_vertical_stroke_and_is_drawn_only_when_on():
+    # A vertical stroke two pixels wide through the centre (columns 13, 14 of 0..27).
+    line = torch.zeros(1, 1, 28, 28)
+    line[0, 0, :, 13:15] = 1.0
+    torch.testing.assert_close(transform(line, torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]])), line)
+    # Shear 0.25: each row moves right by a quarter of its height above the centre (row 13.5,
+    # between rows 13 and 14), so the top row about +3.4 px, the bottom row about -3.4 px.
+    slanted = transform(line, torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.25]]))[0, 0]
+    cols = torch.arange(28.0)
+    centre = (slanted * cols).sum(1) / slanted.sum(1)  # each row's centre column
+    expected = 13.5 + 0.25 * (13.5 - torch.arange(28.0))
+    assert (centre[2:-2] - expected[2:-2]).abs().max() < 0.05
+    # Off by default: no fifth column and the same draws as before; on: bounded and spread.
+    before = sample_transforms(100, 20.0, 2.0, 0.1, torch.Generator().manual_seed(5))
+    with_shear = sample_transforms(100, 20.0, 2.0, 0.1, torch.Generator().manual_seed(5),
+                                   max_shear=0.3)
+    assert before.shape == (100, 4) and with_shear.shape == (100, 5)
+    torch.testing.assert_close(with_shear[:, :4], before)
+    assert with_shear[:, 4].abs().max() <= 0.3 and with_shear[:, 4].abs().max() > 0.25
+
+
 def test_thicken_blends_towards_grey_dilation_and_erosion():
     bar = torch.zeros(1, 1, 28, 28)
     bar[0, 0, 4:24, 12:15] = 1.0  # a vertical stroke 3 pixels wide

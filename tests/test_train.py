@@ -143,11 +143,11 @@ def test_one_cycle_schedule():
     assert all(lr_at(s, 100, cfg) >= lr_at(s + 1, 100, cfg) for s in range(25, 100))
 
 
-def test_elastic_distortion_and_thickness_train_and_change_the_run(mnist, tmp_path):
+def test_elastic_distortion_thickness_and_shear_train_and_change_the_run(mnist, tmp_path):
     quiet = dict(progress=False, log=lambda s: None)
     one = dataclasses.replace(TINY, epochs=1)
     plain = train(one, tmp_path / "plain", mnist, CPU, **quiet)
-    for change in (dict(elastic=34.0), dict(max_thickness=0.5)):
+    for change in (dict(elastic=34.0), dict(max_thickness=0.5), dict(max_shear=0.2)):
         name = next(iter(change))
         changed = train(dataclasses.replace(one, **change), tmp_path / name, mnist, CPU, **quiet)
         assert changed[0]["val_accuracy"] > 0.5  # 1,500 images, one epoch: well above chance

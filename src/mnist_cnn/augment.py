@@ -6,9 +6,9 @@ elastic distortion (Simard et al., 2003: a random displacement field smoothed by
 added to the same grid, so it costs no second resampling. A stroke-thickness change (a blend
 towards a 3×3 grey dilation or erosion, before the resampling) imitates thicker and thinner pens.
 The reference project used rotation only (±20°); the default recipe adds a shift of up to ±2
-pixels and widens the rotation to ±25° for the reference layers (config.py); scale, elastic
-distortion and thickness are there to try. Parameters come from an explicit `torch.Generator`
-on the CPU, so a seed fixes every transform on every device.
+pixels and widens the rotation to ±25° for the reference layers (config.py); scale, shear,
+elastic distortion and thickness are there to try. Parameters come from an explicit
+`torch.Generator` on the CPU, so a seed fixes every transform on every device.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ def sample_angles(
 
 def sample_transforms(
     n: int, max_degrees: float, max_shift: float = 0.0, max_scale: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, max_shear: float = 0.0,
 ) -> torch.Tensor:
     """[n, 4] per-image (angle in degrees, scale, shift x, shift y in pixels), each uniform in
-    ±its maximum (scale in 1 ± max_scale). Shift and scale draw from the generator only when on,
-    so a rotation-only run draws exactly the angles."""
+    ±its maximum (scale in 1 ± max_scale); with max_shear, [n, 5]: a fifth column, the
+    horizontal shear (slant) uniform in ±max_shear (for `transform`). Shift, scale and shear
+    draw from the generator only when on, so a rotation-only run draws exactly the angles."""
     angles = sample_angles(n, max_degrees, generator)
     scale = torch.ones(n)
     shift = torch.zeros(n, 2)
@@ -41,7 +42,10 @@ def sample_transforms(
         scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_scale
     if max_shift > 0:
         shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
-    return torch.cat([angles[:, None], scale[:, None], shift], 1)
+    columns = [angles[:, None], scale[:, None], shift]
+    if max_shear > 0:
+        columns.append((torch.rand(n, 1, generator=generator) * 2 - 1) * max_shear)
+    return torch.cat(columns, 1)
 
 
 def sample_displacement(
@@ -83,11 +87,13 @@ def thicken(images: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
 def transform(
     images: torch.Tensor, params: torch.Tensor, displacement: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Apply per-image (angle, scale, shift x, shift y) to float images [N, 1, H, W], and an
-    elastic displacement [N, H, W, 2] in pixels (from `sample_displacement`) if given.
+    """Apply per-image (angle, scale, shift x, shift y[, shear]) to float images [N, 1, H, W],
+    and an elastic displacement [N, H, W, 2] in pixels (from `sample_displacement`) if given.
 
     Angles turn the image counter-clockwise as displayed (row 0 at the top); scale > 1 enlarges
-    the digit; shifts move it right and down by that many pixels."""
+    the digit; shifts move it right and down by that many pixels; a shear k slants it, moving
+    each row by k times its height above the centre to the right (k 0.2: a vertical stroke leans
+    by about 11°), before the rotation, scale and shift."""
     params = params.to(device=images.device, dtype=images.dtype)
     rad = params[:, 0] * (math.pi / 180.0)
     inv_scale = 1.0 / params[:, 1]
@@ -100,6 +106,10 @@ def transform(
     theta = torch.stack(
         [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
     )
+    if params.shape[1] > 4:
+        # The shear comes first in the transform, so its inverse comes last in the grid's map:
+        # x_in = x' + k·y' (y down) of the point (x', y') that undoing the rest gives.
+        theta[:, 0] += params[:, 4, None] * theta[:, 1]
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     if displacement is not None:
         # Each output pixel samples from a little further along its field (pixels → grid units).

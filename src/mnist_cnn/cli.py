@@ -102,6 +102,9 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                         f"(default: {d.max_shift:g})")
     t.add_argument("--max-scale", type=_nonnegative, metavar="FRAC",
                    help=f"random scale uniform in 1 ± FRAC (default: {d.max_scale:g})")
+    t.add_argument("--max-shear", type=_nonnegative, metavar="K",
+                   help="random slant: horizontal shear uniform in ±K (0.2 leans a vertical "
+                        f"stroke by about 11 degrees) (default: {d.max_shear:g}, off)")
     t.add_argument("--elastic", type=_nonnegative, metavar="ALPHA",
                    help="elastic distortion strength in pixels, Simard et al.'s is 34 "
                         f"(default: {d.elastic:g}, off)")
@@ -250,9 +253,9 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {
         name: getattr(args, name)
         for name in ("model", "width", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
-                     "seed", "max_rotation", "max_shift", "max_scale", "elastic", "elastic_sigma",
-                     "max_thickness", "clean_epochs", "padding", "ema", "label_smoothing",
-                     "select", "precision", "train_subset")
+                     "seed", "max_rotation", "max_shift", "max_scale", "max_shear", "elastic",
+                     "elastic_sigma", "max_thickness", "clean_epochs", "padding", "ema",
+                     "label_smoothing", "select", "precision", "train_subset")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:

@@ -45,15 +45,16 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Augmentation: random rotation, uniform in ±max_rotation degrees, and a random shift of up
     # to ±max_shift pixels on each axis (the reference never tried it; chosen on validation,
-    # docs/RESULTS.md); scale (1 ± max_scale), elastic distortion and stroke thickness are off
-    # unless asked for (they did not help on validation). Rotation None, the default: ±25° for
-    # the reference layers (the reference's ±20° widened: over five seeds it read 8 more
-    # validation images right; ±15° and ±30° read fewer over three), ±20° for the strong model
-    # (25 not measured there).
+    # docs/RESULTS.md); scale (1 ± max_scale), shear, elastic distortion and stroke thickness
+    # are off unless asked for (they did not help on validation). Rotation None, the default:
+    # ±25° for the reference layers (the reference's ±20° widened: over five seeds it read 8
+    # more validation images right; ±15° and ±30° read fewer over three), ±20° for the strong
+    # model (there ±25° read one image fewer on each of two seeds).
     augment: bool = True
     max_rotation: float | None = None
     max_shift: float = 2.0
     max_scale: float = 0.0
+    max_shear: float = 0.0  # horizontal shear (slant), uniform in ±this (0.2: about ±11°)
     elastic: float = 0.0  # elastic distortion strength alpha in pixels (0: off; Simard used 34)
     elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
     max_thickness: float = 0.0  # stroke thickness change, uniform in ±this (1: ±a pixel; 0: off)

@@ -356,7 +356,7 @@ def train(
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 # Transforms are drawn for the whole global batch, so every rank stays in step.
                 params = sample_transforms(
-                    len(idx), max_rotation, cfg.max_shift, cfg.max_scale, gen
+                    len(idx), max_rotation, cfg.max_shift, cfg.max_scale, gen, cfg.max_shear
                 ) if augment else None
                 field = sample_displacement(
                     len(idx), train_x.shape[-1], cfg.elastic, cfg.elastic_sigma, gen
@@ -374,7 +374,8 @@ def train(
                 if thick is not None:
                     x = thicken(x, thick)
                 if params is not None and (
-                    max_rotation or cfg.max_shift or cfg.max_scale or field is not None
+                    max_rotation or cfg.max_shift or cfg.max_scale or cfg.max_shear
+                    or field is not None
                 ):
                     x = transform(x, params, field)
                 x = normalize(x).contiguous(memory_format=torch.channels_last)
