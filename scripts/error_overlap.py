@@ -9,8 +9,9 @@ seed gets wrong are out of reach of a change of seed and, mostly, of recipe; a r
 only move the rest. On 5,000 validation images that rest can be a handful a run, which is how
 fine a choice made on validation can be (docs/RESULTS.md). The test split's line also counts each
 member's errors on its first and its last 5,000 images apart: by MNIST's documentation the two
-halves were drawn from different NIST collections, and they are not equally hard. Prints one
-JSON line per folder and split; the models are re-evaluated on the CPU (seconds each).
+halves were drawn from different NIST collections (the first, it says, the cleaner and easier
+one), and they are not equally hard for these models (docs/RESULTS.md). Prints one JSON line
+per folder and split; the models are re-evaluated on the CPU (seconds each).
 """
 
 import argparse

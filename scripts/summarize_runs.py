@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.ensemble import finished_runs
-from mnist_cnn.evaluate import read_history
+from mnist_cnn.evaluate import kept_val_loss, read_history
 
 
 def pct(values: list[float]) -> str:
@@ -63,11 +63,6 @@ def epoch_choice(histories: list[list[dict]]) -> dict | None:
             last.append(halves[-1][read])
     return {"best_epoch_on_other_half": round(100 * statistics.mean(picked), 3),
             "last_epoch": round(100 * statistics.mean(last), 3)}
-
-
-def kept_val_loss(history: list[dict], report: dict) -> float:
-    """Validation loss of the epoch the run kept (report.json has its accuracy only)."""
-    return next(h["val_loss"] for h in history if h["epoch"] == report["best_epoch"])
 
 
 def raw_val_accuracy(history: list[dict], select: str) -> float:

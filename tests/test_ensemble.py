@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 from conftest import load_script
@@ -141,3 +142,39 @@ def test_keep_last_epoch_rescores_an_old_best_epoch_ensemble(tmp_path, data_dir)
     ]
     # The source is untouched and still says it kept the best epoch.
     assert json.loads((folder / "report.json").read_text())["select"] == "best"
+
+
+def test_val_test_agreement_pairs_same_seed_runs_of_different_folders(tmp_path):
+    agreement = load_script("val_test_agreement")
+
+    def run(name, seed, val_accuracy, val_loss, test_errors, epochs=30):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(
+            {"model": "reference", "seed": seed, "epochs": epochs}))
+        (folder / "report.json").write_text(json.dumps(
+            {"val_accuracy": val_accuracy, "test_errors": test_errors, "best_epoch": epochs}))
+        (folder / "metrics.jsonl").write_text(json.dumps({"epoch": epochs, "val_loss": val_loss}))
+
+    run("a", 0, 0.9970, 0.011, 42)
+    run("b", 0, 0.9976, 0.012, 40)  # 3 validation images more right, 2 test images: agrees
+    run("c", 0, 0.9966, 0.010, 41)  # the lowest loss, but test between a and b
+    run("a_copy", 0, 0.9970, 0.011, 42)  # a copy of a: left out
+    run("d", 1, 0.9960, 0.010, 40)  # another seed: paired with nothing
+    run("short", 0, 0.9900, 0.030, 90, epochs=10)  # under 20 epochs: left out
+    (tmp_path / "not_a_run").mkdir()
+    runs = agreement.load_runs([tmp_path])
+    assert sorted(Path(r["folder"]).name for r in runs) == ["a", "b", "c", "d"]
+    [line] = agreement.tally(runs)
+    assert line["runs"] == 4
+    # a-b: b better on validation (3 images) and test; a-c: a better on validation (2) and
+    # worse on test; b-c: b better on validation (5) and test.
+    assert line["val_accuracy"] == {"agree": 2, "disagree": 1, "test_equal": 0}
+    assert line["val_accuracy_by_images_apart"] == {
+        "1": {"agree": 0, "disagree": 0, "test_equal": 0},
+        "2-3": {"agree": 1, "disagree": 1, "test_equal": 0},
+        ">=4": {"agree": 1, "disagree": 0, "test_equal": 0},
+    }
+    # Loss: a-b a lower, b better on test (disagree); a-c c lower, c better (agree); b-c c
+    # lower, b better (disagree).
+    assert line["val_loss"] == {"agree": 1, "disagree": 2, "test_equal": 0}

@@ -1,14 +1,14 @@
 """Random affine augmentation of whole batches with torch operations, on the batch's device.
 
-One affine grid and one bilinear `grid_sample` rotate, scale and shift a whole batch about the
-image centre; pixels that come in from outside the image are 0, MNIST's background. An optional
-elastic distortion (Simard et al., 2003: a random displacement field smoothed by a Gaussian) is
-added to the same grid, so it costs no second resampling. A stroke-thickness change (a blend
-towards a 3×3 grey dilation or erosion, before the resampling) imitates thicker and thinner pens.
-The reference project used rotation only (±20°); the default recipe adds a shift of up to ±2
-pixels and widens the rotation to ±25° for the reference layers (config.py); scale, shear,
-elastic distortion and thickness are there to try. Parameters come from an explicit
-`torch.Generator` on the CPU, so a seed fixes every transform on every device.
+One affine grid and one bilinear `grid_sample` rotate, scale, shift (and shear) a whole batch
+about the image centre; pixels that come in from outside the image are 0, MNIST's background.
+An optional elastic distortion (Simard et al., 2003: a random displacement field smoothed by a
+Gaussian) is added to the same grid, so it costs no second resampling. A stroke-thickness
+change (a blend towards a 3×3 grey dilation or erosion, before the resampling) imitates thicker
+and thinner pens. The reference project used rotation only (±20°); the default recipe adds a
+shift of up to ±2 pixels and widens the rotation to ±25° for the reference layers (config.py);
+scale, shear, elastic distortion and thickness are there to try. Parameters come from an
+explicit `torch.Generator` on the CPU, so a seed fixes every transform on every device.
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def transform(
     )
     if params.shape[1] > 4:
         # The shear comes first in the transform, so its inverse comes last in the grid's map:
-        # x_in = x' + k·y' (y down) of the point (x', y') that undoing the rest gives.
+        # x_in = x' + k·y' (y down) of the point (x', y') that undoing the rest gives. In grid
+        # units, which are pixels times 2 / size: k is per pixel on square images (MNIST's; the
+        # rotation above assumes square images too).
         theta[:, 0] += params[:, 4, None] * theta[:, 1]
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     if displacement is not None:

@@ -49,6 +49,14 @@ def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def kept_val_loss(history: list[dict], report: dict) -> float:
+    """Validation loss of the epoch a run kept (report.json has its accuracy only)."""
+    for h in history:
+        if h["epoch"] == report["best_epoch"]:
+            return h["val_loss"]
+    raise ValueError(f"metrics.jsonl has no epoch {report['best_epoch']}, the one the run kept")
+
+
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[10, 10] counts, rows = true label, columns = predicted label."""
     return torch.bincount(labels * 10 + pred, minlength=100).reshape(10, 10)

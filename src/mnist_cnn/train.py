@@ -356,7 +356,8 @@ def train(
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 # Transforms are drawn for the whole global batch, so every rank stays in step.
                 params = sample_transforms(
-                    len(idx), max_rotation, cfg.max_shift, cfg.max_scale, gen, cfg.max_shear
+                    len(idx), max_rotation, cfg.max_shift, cfg.max_scale, gen,
+                    max_shear=cfg.max_shear,
                 ) if augment else None
                 field = sample_displacement(
                     len(idx), train_x.shape[-1], cfg.elastic, cfg.elastic_sigma, gen
