@@ -19,12 +19,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _symmetric(
+    shape: int | tuple[int, ...], bound: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Uniform in [-bound, +bound]: the draw behind every random amount here."""
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
 def sample_angles(
     n: int, max_degrees: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """n angles in degrees, uniform in [-max_degrees, +max_degrees]."""
-    u = torch.rand(n, generator=generator)
-    return (u * 2 - 1) * max_degrees
+    return _symmetric(n, max_degrees, generator)
 
 
 def sample_transforms(
@@ -39,12 +45,12 @@ def sample_transforms(
     scale = torch.ones(n)
     shift = torch.zeros(n, 2)
     if max_scale > 0:
-        scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_scale
+        scale = 1 + _symmetric(n, max_scale, generator)
     if max_shift > 0:
-        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
+        shift = _symmetric((n, 2), max_shift, generator)
     columns = [angles[:, None], scale[:, None], shift]
     if max_shear > 0:
-        columns.append((torch.rand(n, 1, generator=generator) * 2 - 1) * max_shear)
+        columns.append(_symmetric((n, 1), max_shear, generator))
     return torch.cat(columns, 1)
 
 
@@ -69,7 +75,7 @@ def sample_thickness(
     n: int, max_thickness: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """n stroke-thickness amounts, uniform in ±max_thickness (for `thicken`)."""
-    return (torch.rand(n, generator=generator) * 2 - 1) * max_thickness
+    return _symmetric(n, max_thickness, generator)
 
 
 def thicken(images: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:

@@ -337,6 +337,10 @@ def train(
 
     step = state["step"]
     max_rotation = cfg.rotation()
+    # Whether an augmented batch needs resampling at all (every geometric amount 0: it does not).
+    resample = bool(
+        max_rotation or cfg.max_shift or cfg.max_scale or cfg.max_shear or cfg.elastic > 0
+    )
     try:
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -374,10 +378,7 @@ def train(
                 x = train_x[idx].unsqueeze(1).float().div_(255.0)
                 if thick is not None:
                     x = thicken(x, thick)
-                if params is not None and (
-                    max_rotation or cfg.max_shift or cfg.max_scale or cfg.max_shear
-                    or field is not None
-                ):
+                if params is not None and resample:
                     x = transform(x, params, field)
                 x = normalize(x).contiguous(memory_format=torch.channels_last)
                 y = train_y[idx]
