@@ -59,6 +59,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
         (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
         (["train", "--epochs", "2", "--clean-epochs", "3"], "is more than the 2 epochs"),
+        (["ensemble", "--teacher", "/nonexistent/run"], "not a finished run or ensemble folder"),
     ],
 )
 def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):
@@ -110,7 +111,7 @@ def test_torchrun_two_cpu_processes(tmp_path, data_dir):
     assert report["epochs"] == 2 and report["test_accuracy"] > 0.85
 
 
-def test_recipe_flags_reach_the_config():
+def test_recipe_flags_reach_the_config(tmp_path):
     from mnist_cnn.cli import _config_from_args, build_parser
 
     args = build_parser().parse_args(
@@ -124,3 +125,14 @@ def test_recipe_flags_reach_the_config():
     )
     assert cfg.label_smoothing == 0.1 and cfg.ema == 0 and cfg.dropout == (0.2, 0.2)
     assert cfg.weight_decay == 0.05 and cfg.max_thickness == 0.5 and cfg.max_shear == 0.2
+    assert cfg.teacher is None
+
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "report.json").write_text("{}")
+    args = build_parser().parse_args(
+        ["ensemble", "--teacher", str(run), "--teacher-weight", "0.7",
+         "--teacher-temperature", "2"]
+    )
+    cfg = _config_from_args(args)
+    assert (cfg.teacher, cfg.teacher_weight, cfg.teacher_temperature) == (str(run), 0.7, 2.0)

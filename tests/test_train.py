@@ -6,6 +6,7 @@ import torch
 from conftest import load_script
 
 from mnist_cnn.config import TrainConfig
+from mnist_cnn.evaluate import load_run, write_report
 from mnist_cnn.train import Interrupted, lr_at, train
 
 CPU = torch.device("cpu")
@@ -152,6 +153,38 @@ def test_elastic_distortion_thickness_and_shear_train_and_change_the_run(mnist, 
         changed = train(dataclasses.replace(one, **change), tmp_path / name, mnist, CPU, **quiet)
         assert changed[0]["val_accuracy"] > 0.5  # 1,500 images, one epoch: well above chance
         assert without_time(changed) != without_time(plain)
+
+
+def test_distillation_targets_and_training(mnist, tmp_path):
+    from mnist_cnn.train import predict_proba, teacher_targets
+
+    quiet = dict(progress=False, log=lambda s: None)
+    one = dataclasses.replace(TINY, epochs=1)
+    teacher = tmp_path / "teacher"
+    train(one, teacher, mnist, CPU, **quiet)
+    _, model = load_run(teacher, CPU)
+    write_report(teacher, teacher, model, one, mnist, CPU)  # what makes a run finished
+    images = mnist.train_images[:300]
+    # At temperature 1 the targets are the teacher's own probabilities; higher is softer, and
+    # the order of the classes is kept.
+    p = predict_proba(model, images, CPU)
+    assert torch.allclose(teacher_targets(teacher, images, 1.0, CPU), p, atol=1e-5)
+    soft = teacher_targets(teacher, images, 4.0, CPU)
+    assert (soft.max(1).values < p.max(1).values).all()
+    assert torch.equal(soft.argmax(1), p.argmax(1))
+    assert torch.allclose(soft.sum(1), torch.ones(300))
+    with pytest.raises(ValueError, match="not a finished run"):
+        teacher_targets(tmp_path / "none", images, 1.0, CPU)
+
+    plain = train(one, tmp_path / "plain", mnist, CPU, **quiet)
+    student = train(dataclasses.replace(one, teacher=str(teacher)), tmp_path / "s", mnist, CPU,
+                    **quiet)
+    assert student[0]["val_accuracy"] > 0.5
+    assert without_time(student) != without_time(plain)
+    # Weight 0: the teacher's term is multiplied away and the run is the plain one.
+    zero = train(dataclasses.replace(one, teacher=str(teacher), teacher_weight=0.0),
+                 tmp_path / "z", mnist, CPU, **quiet)
+    assert without_time(zero) == without_time(plain)
 
 
 def test_clean_epochs_turn_augmentation_off_at_the_end(mnist, tmp_path):

@@ -133,6 +133,14 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                         f"validation accuracy (default: {d.select})")
     t.add_argument("--label-smoothing", type=_nonnegative, metavar="EPS",
                    help=f"label smoothing of the loss (default: {d.label_smoothing})")
+    t.add_argument("--teacher", metavar="DIR",
+                   help="distill: also fit the softened outputs of this finished run or "
+                        "ensemble folder on the training images (default: none)")
+    t.add_argument("--teacher-weight", type=_unit, metavar="W",
+                   help="weight of the teacher's targets in the loss, the labels' is 1 - W "
+                        f"(default: {d.teacher_weight:g})")
+    t.add_argument("--teacher-temperature", type=_positive(float), metavar="T",
+                   help=f"softening of the teacher's outputs (default: {d.teacher_temperature:g})")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast where the hardware runs it fast, else fp32 "
                         f"(default: {d.precision})")
@@ -255,7 +263,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         for name in ("model", "width", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
                      "seed", "max_rotation", "max_shift", "max_scale", "max_shear", "elastic",
                      "elastic_sigma", "max_thickness", "clean_epochs", "padding", "ema",
-                     "label_smoothing", "select", "precision", "train_subset")
+                     "label_smoothing", "select", "precision", "train_subset", "teacher",
+                     "teacher_weight", "teacher_temperature")
         if getattr(args, name) is not None
     }
     if args.dropout is not None:
@@ -265,6 +274,13 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = dataclasses.replace(base, **given)
     if cfg.width != 1 and cfg.model != "strong":
         raise UserError("--width applies to --model strong only (the reference layers are fixed)")
+    if cfg.teacher is not None:
+        from mnist_cnn.ensemble import finished_runs
+
+        teacher = Path(cfg.teacher).resolve()  # resuming from another folder still finds it
+        if not teacher.is_dir() or not finished_runs(teacher):
+            raise UserError(f"--teacher {cfg.teacher}: not a finished run or ensemble folder")
+        cfg = dataclasses.replace(cfg, teacher=str(teacher))
     if cfg.clean_epochs is not None and cfg.clean_epochs > cfg.epochs:
         raise UserError(f"--clean-epochs {cfg.clean_epochs} is more than the {cfg.epochs} epochs")
     return cfg

@@ -43,6 +43,14 @@ class TrainConfig:
     # Run folders from before this choice kept the best.
     select: str = "last"
     label_smoothing: float = 0.0
+    # Distillation: a finished run or ensemble folder (trained on the same 55,000 images, so no
+    # validation or test image reaches the student through it) whose softmax outputs on the
+    # training images, as written and softened by the temperature, are a second target: the loss
+    # is (1 - w) × cross-entropy with the labels + w × T² × cross-entropy of the student's
+    # logits / T with them (Hinton et al., 2015). The targets are computed once, before training.
+    teacher: str | None = None
+    teacher_weight: float = 0.5
+    teacher_temperature: float = 4.0
     # Augmentation: random rotation, uniform in ±max_rotation degrees, and a random shift of up
     # to ±max_shift pixels on each axis (the reference never tried it; chosen on validation,
     # docs/RESULTS.md); scale (1 ± max_scale), shear, elastic distortion and stroke thickness

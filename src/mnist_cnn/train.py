@@ -160,6 +160,21 @@ def predict_proba(
     return torch.cat(out)
 
 
+def teacher_targets(
+    folder: str | Path, images: torch.Tensor, temperature: float, device: torch.device
+) -> torch.Tensor:
+    """Soft targets [N, 10] for uint8 images [N, 28, 28]: the teacher's (a run's, or an
+    ensemble's averaged) softmax outputs softened by the temperature, softmax(log p / T)."""
+    from mnist_cnn.ensemble import ensemble_probas, finished_runs  # ensemble imports train
+
+    folder = Path(folder)
+    runs = finished_runs(folder) if folder.is_dir() else []
+    if not runs:
+        raise ValueError(f"teacher {folder} is not a finished run or ensemble folder")
+    p = ensemble_probas(runs, [images.cpu()], device)[0]
+    return (p.clamp_min(1e-30).log() / temperature).softmax(1).to(device)
+
+
 def loss_and_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     return loss, (probs.argmax(1) == labels).float().mean().item()
@@ -318,6 +333,11 @@ def train(
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
+    soft = None
+    if cfg.teacher:
+        log(f"Soft targets from the teacher {cfg.teacher}")
+        soft = teacher_targets(cfg.teacher, train_x, cfg.teacher_temperature, device)
+
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_path = run_dir / "checkpoint.safetensors"
     history: list[dict] = []
@@ -388,6 +408,13 @@ def train(
                 with autocast(device, amp):
                     logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if soft is not None:
+                    t, w = cfg.teacher_temperature, cfg.teacher_weight
+                    # KL divergence (0 when the student matches the teacher); T² keeps the soft
+                    # term's gradient on the scale of the hard one's.
+                    log_q = (logits.float() / t).log_softmax(1)
+                    kd = F.kl_div(log_q, soft[idx], reduction="batchmean") * t * t
+                    loss = (1 - w) * loss + w * kd
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
