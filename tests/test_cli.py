@@ -72,6 +72,18 @@ def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tm
     assert message in err and "Traceback" not in err
 
 
+def test_resuming_a_student_whose_teacher_is_gone_is_a_clear_error(tmp_path, capsys):
+    from mnist_cnn.config import TrainConfig
+
+    run = tmp_path / "student"
+    run.mkdir()
+    TrainConfig(teacher=str(tmp_path / "moved")).save(run / "config.json")
+    (run / "checkpoint.safetensors").write_bytes(b"")
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished run or ensemble folder" in err and "Traceback" not in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_gpu_is_a_clear_error(capsys):
     assert main(["evaluate", "x", "--device", "cuda"]) == 2

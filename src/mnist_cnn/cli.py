@@ -275,15 +275,20 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.width != 1 and cfg.model != "strong":
         raise UserError("--width applies to --model strong only (the reference layers are fixed)")
     if cfg.teacher is not None:
-        from mnist_cnn.ensemble import finished_runs
-
-        teacher = Path(cfg.teacher).resolve()  # resuming from another folder still finds it
-        if not teacher.is_dir() or not finished_runs(teacher):
-            raise UserError(f"--teacher {cfg.teacher}: not a finished run or ensemble folder")
-        cfg = dataclasses.replace(cfg, teacher=str(teacher))
+        # Absolute, so that resuming from another working folder still finds it.
+        cfg = dataclasses.replace(cfg, teacher=str(_check_teacher(cfg.teacher)))
     if cfg.clean_epochs is not None and cfg.clean_epochs > cfg.epochs:
         raise UserError(f"--clean-epochs {cfg.clean_epochs} is more than the {cfg.epochs} epochs")
     return cfg
+
+
+def _check_teacher(teacher: str) -> Path:
+    from mnist_cnn.ensemble import finished_runs
+
+    path = Path(teacher).resolve()
+    if not path.is_dir() or not finished_runs(path):
+        raise UserError(f"--teacher {teacher}: not a finished run or ensemble folder")
+    return path
 
 
 def _load_data(args: argparse.Namespace, quiet: bool = False):
@@ -317,6 +322,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not (run_dir / name).is_file():
                 raise UserError(f"{run_dir} has no {name} to resume from")
         cfg = TrainConfig.load(run_dir / "config.json")
+        if cfg.teacher is not None:
+            _check_teacher(cfg.teacher)  # it may have moved since the run began
     else:
         cfg = _config_from_args(args)
         run_dir = args.out or _new_run_dir()
