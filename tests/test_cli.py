@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_cnn.cli import main
+from mnist_cnn.cli import UserError, main
 
 RUN_FILES = [
     "model.safetensors", "config.json", "metrics.jsonl", "report.json", "random_results.png",
@@ -60,6 +60,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
         (["train", "--epochs", "2", "--clean-epochs", "3"], "is more than the 2 epochs"),
         (["ensemble", "--teacher", "/nonexistent/run"], "not a finished run or ensemble folder"),
+        (["train", "--teacher-weight", "0.3"], "apply with --teacher only"),
     ],
 )
 def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):
@@ -140,11 +141,18 @@ def test_recipe_flags_reach_the_config(tmp_path):
     assert cfg.teacher is None
 
     run = tmp_path / "run"
-    (run).mkdir()
-    (run / "report.json").write_text("{}")
+    run.mkdir()
+    for name in ("report.json", "config.json", "model.safetensors"):
+        (run / name).write_text("{}")  # _config_from_args checks they exist, loads none
     args = build_parser().parse_args(
         ["ensemble", "--teacher", str(run), "--teacher-weight", "0.7",
          "--teacher-temperature", "2"]
     )
     cfg = _config_from_args(args)
-    assert (cfg.teacher, cfg.teacher_weight, cfg.teacher_temperature) == (str(run), 0.7, 2.0)
+    assert (cfg.teacher, cfg.teacher_weight, cfg.teacher_temperature) == (
+        str(run.resolve()), 0.7, 2.0
+    )
+    # `mnist-cnn evaluate RUN --out X` writes a report.json without weights: not a teacher.
+    (run / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="not a finished run or ensemble folder"):
+        _config_from_args(args)

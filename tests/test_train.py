@@ -155,26 +155,48 @@ def test_elastic_distortion_thickness_and_shear_train_and_change_the_run(mnist, 
         assert without_time(changed) != without_time(plain)
 
 
+def test_distillation_loss_is_t_squared_kl():
+    from mnist_cnn.train import distillation_loss
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    t = 4.0
+    q = (logits / t).softmax(1)
+    assert distillation_loss(logits, q, t).item() == pytest.approx(0.0, abs=1e-6)
+    soft = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    by_hand = t * t * (soft * (soft / q).log()).sum(1).mean()
+    assert distillation_loss(logits, soft, t).item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
 def test_distillation_targets_and_training(mnist, tmp_path):
+    import shutil
+
     from mnist_cnn.train import predict_proba, teacher_targets
 
     quiet = dict(progress=False, log=lambda s: None)
     one = dataclasses.replace(TINY, epochs=1)
+    # A two-member ensemble folder as the teacher: members of seeds 0 and 1.
     teacher = tmp_path / "teacher"
-    train(one, teacher, mnist, CPU, **quiet)
-    _, model = load_run(teacher, CPU)
-    write_report(teacher, teacher, model, one, mnist, CPU)  # what makes a run finished
+    probs = []
     images = mnist.train_images[:300]
-    # At temperature 1 the targets are the teacher's own probabilities; higher is softer, and
-    # the order of the classes is kept.
-    p = predict_proba(model, images, CPU)
+    for k in range(2):
+        run = teacher / f"member-{k}"
+        cfg = dataclasses.replace(one, seed=k)
+        train(cfg, run, mnist, CPU, **quiet)
+        _, model = load_run(run, CPU)
+        write_report(run, run, model, cfg, mnist, CPU)  # what makes a run finished
+        probs.append(predict_proba(model, images, CPU))
+    (teacher / "ensemble.json").write_text(json.dumps({"members": ["member-0", "member-1"]}))
+    p = (probs[0] + probs[1]) / 2
+    # softmax(log p / T) is p^(1/T), normalized: at T = 1 the members' average itself.
     assert torch.allclose(teacher_targets(teacher, images, 1.0, CPU), p, atol=1e-5)
     soft = teacher_targets(teacher, images, 4.0, CPU)
-    assert (soft.max(1).values < p.max(1).values).all()
+    expected = p ** 0.25 / (p ** 0.25).sum(1, keepdim=True)
+    assert torch.allclose(soft, expected, atol=1e-5)
+    assert (soft.max(1).values < p.max(1).values).all()  # softer, same ranking
     assert torch.equal(soft.argmax(1), p.argmax(1))
-    assert torch.allclose(soft.sum(1), torch.ones(300))
-    with pytest.raises(ValueError, match="not a finished run"):
-        teacher_targets(tmp_path / "none", images, 1.0, CPU)
+    for folder in (tmp_path / "none", tmp_path):
+        with pytest.raises(ValueError, match="not a finished run"):
+            teacher_targets(folder, images, 1.0, CPU)
 
     plain = train(one, tmp_path / "plain", mnist, CPU, **quiet)
     student = train(dataclasses.replace(one, teacher=str(teacher)), tmp_path / "s", mnist, CPU,
@@ -185,6 +207,13 @@ def test_distillation_targets_and_training(mnist, tmp_path):
     zero = train(dataclasses.replace(one, teacher=str(teacher), teacher_weight=0.0),
                  tmp_path / "z", mnist, CPU, **quiet)
     assert without_time(zero) == without_time(plain)
+
+    # A half-trained ensemble is refused, not read as a smaller one.
+    half = tmp_path / "half"
+    shutil.copytree(teacher, half)
+    (half / "member-1" / "report.json").unlink()
+    with pytest.raises(ValueError, match=r"\(member-1 unfinished\)"):
+        teacher_targets(half, images, 1.0, CPU)
 
 
 def test_clean_epochs_turn_augmentation_off_at_the_end(mnist, tmp_path):

@@ -137,10 +137,12 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                    help="distill: also fit the softened outputs of this finished run or "
                         "ensemble folder on the training images (default: none)")
     t.add_argument("--teacher-weight", type=_unit, metavar="W",
-                   help="weight of the teacher's targets in the loss, the labels' is 1 - W "
-                        f"(default: {d.teacher_weight:g})")
+                   help="with --teacher: weight of the teacher's targets in the loss, the "
+                        f"labels' is 1 - W (default: {d.teacher_weight:g})")
     t.add_argument("--teacher-temperature", type=_positive(float), metavar="T",
-                   help=f"softening of the teacher's outputs (default: {d.teacher_temperature:g})")
+                   help="with --teacher: divides the log of the teacher's probabilities and "
+                        "the student's logits, which softens both "
+                        f"(default: {d.teacher_temperature:g})")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast where the hardware runs it fast, else fp32 "
                         f"(default: {d.precision})")
@@ -276,18 +278,22 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserError("--width applies to --model strong only (the reference layers are fixed)")
     if cfg.teacher is not None:
         # Absolute, so that resuming from another working folder still finds it.
-        cfg = dataclasses.replace(cfg, teacher=str(_check_teacher(cfg.teacher)))
+        cfg = dataclasses.replace(cfg, teacher=str(_check_teacher(cfg.teacher, "--teacher")))
+    elif args.teacher_weight is not None or args.teacher_temperature is not None:
+        raise UserError("--teacher-weight and --teacher-temperature apply with --teacher only")
     if cfg.clean_epochs is not None and cfg.clean_epochs > cfg.epochs:
         raise UserError(f"--clean-epochs {cfg.clean_epochs} is more than the {cfg.epochs} epochs")
     return cfg
 
 
-def _check_teacher(teacher: str) -> Path:
-    from mnist_cnn.ensemble import finished_runs
+def _check_teacher(teacher: str, what: str) -> Path:
+    from mnist_cnn.train import teacher_runs
 
     path = Path(teacher).resolve()
-    if not path.is_dir() or not finished_runs(path):
-        raise UserError(f"--teacher {teacher}: not a finished run or ensemble folder")
+    try:
+        teacher_runs(path)
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
     return path
 
 
@@ -323,7 +329,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise UserError(f"{run_dir} has no {name} to resume from")
         cfg = TrainConfig.load(run_dir / "config.json")
         if cfg.teacher is not None:
-            _check_teacher(cfg.teacher)  # it may have moved since the run began
+            # It may have moved since the run began: its targets are computed again.
+            _check_teacher(cfg.teacher, "this run's teacher (its config.json)")
     else:
         cfg = _config_from_args(args)
         run_dir = args.out or _new_run_dir()

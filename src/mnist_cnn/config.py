@@ -43,11 +43,12 @@ class TrainConfig:
     # Run folders from before this choice kept the best.
     select: str = "last"
     label_smoothing: float = 0.0
-    # Distillation: a finished run or ensemble folder (trained on the same 55,000 images, so no
-    # validation or test image reaches the student through it) whose softmax outputs on the
-    # training images, as written and softened by the temperature, are a second target: the loss
-    # is (1 - w) × cross-entropy with the labels + w × T² × cross-entropy of the student's
-    # logits / T with them (Hinton et al., 2015). The targets are computed once, before training.
+    # Distillation (Hinton et al., 2015): a finished run or ensemble folder (trained on the same
+    # 55,000 images, so no validation or test image reaches the student through it) labels the
+    # un-augmented training images once, before training, with its softmax outputs p softened to
+    # soft = softmax(log p / T); the loss is (1 - w) × cross-entropy with the labels
+    # + w × T² × KL(soft ‖ softmax(student logits / T)) (train.distillation_loss). Off by default:
+    # on the reference layers it tied the default on validation (docs/RESULTS.md).
     teacher: str | None = None
     teacher_weight: float = 0.5
     teacher_temperature: float = 4.0

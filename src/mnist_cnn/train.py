@@ -160,19 +160,43 @@ def predict_proba(
     return torch.cat(out)
 
 
+def teacher_runs(folder: str | Path) -> list[Path]:
+    """The runs of a teacher folder (the run itself, or every member of an ensemble), each
+    checked to be finished and to have its weights: a half-trained ensemble is refused, not
+    silently read as a smaller one."""
+    from mnist_cnn.ensemble import finished_runs, is_ensemble, member_dirs  # they import train
+
+    folder = Path(folder)
+    wanted = (member_dirs(folder) if is_ensemble(folder) else [folder]) if folder.is_dir() else []
+    done = set(finished_runs(folder)) if wanted else set()
+    lacking = [r for r in wanted if r not in done or not (r / "model.safetensors").is_file()
+               or not (r / "config.json").is_file()]
+    if not wanted or lacking:
+        which = f" ({', '.join(r.name for r in lacking)} unfinished)" if lacking else ""
+        raise ValueError(f"teacher {folder} is not a finished run or ensemble folder{which}")
+    return wanted
+
+
 def teacher_targets(
     folder: str | Path, images: torch.Tensor, temperature: float, device: torch.device
 ) -> torch.Tensor:
     """Soft targets [N, 10] for uint8 images [N, 28, 28]: the teacher's (a run's, or an
-    ensemble's averaged) softmax outputs softened by the temperature, softmax(log p / T)."""
-    from mnist_cnn.ensemble import ensemble_probas, finished_runs  # ensemble imports train
+    ensemble's averaged, without test-time augmentation) softmax outputs p softened by the
+    temperature, softmax(log p / T) = p^(1/T), normalized."""
+    from mnist_cnn.ensemble import ensemble_probas
 
-    folder = Path(folder)
-    runs = finished_runs(folder) if folder.is_dir() else []
-    if not runs:
-        raise ValueError(f"teacher {folder} is not a finished run or ensemble folder")
-    p = ensemble_probas(runs, [images.cpu()], device)[0]
+    p = ensemble_probas(teacher_runs(folder), [images.cpu()], device)[0]
     return (p.clamp_min(1e-30).log() / temperature).softmax(1).to(device)
+
+
+def distillation_loss(
+    logits: torch.Tensor, soft: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """T² × KL(soft ‖ softmax(logits / T)), averaged over the batch (Hinton et al., 2015): 0 when
+    the student's softened outputs are the targets; T² keeps its gradient on the scale of the
+    cross-entropy's."""
+    log_q = (logits.float() / temperature).log_softmax(1)
+    return F.kl_div(log_q, soft, reduction="batchmean") * temperature**2
 
 
 def loss_and_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -408,12 +432,9 @@ def train(
                 with autocast(device, amp):
                     logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if soft is not None:
-                    t, w = cfg.teacher_temperature, cfg.teacher_weight
-                    # KL divergence (0 when the student matches the teacher); T² keeps the soft
-                    # term's gradient on the scale of the hard one's.
-                    log_q = (logits.float() / t).log_softmax(1)
-                    kd = F.kl_div(log_q, soft[idx], reduction="batchmean") * t * t
+                if soft is not None:  # train_loss is then this mixture, not a cross-entropy
+                    w = cfg.teacher_weight
+                    kd = distillation_loss(logits, soft[idx], cfg.teacher_temperature)
                     loss = (1 - w) * loss + w * kd
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
