@@ -48,7 +48,8 @@ class TrainConfig:
     # un-augmented training images once, before training, with its softmax outputs p softened to
     # soft = softmax(log p / T); the loss is (1 - w) × cross-entropy with the labels
     # + w × T² × KL(soft ‖ softmax(student logits / T)) (train.distillation_loss). Off by default:
-    # on the reference layers it tied the default on validation (docs/RESULTS.md).
+    # from the strong five, it tied the default on validation on the reference layers and lost
+    # on the strong model (docs/RESULTS.md).
     teacher: str | None = None
     teacher_weight: float = 0.5
     teacher_temperature: float = 4.0
