@@ -164,17 +164,17 @@ def teacher_runs(folder: str | Path) -> list[Path]:
     """The runs of a teacher folder (the run itself, or every member of an ensemble), each
     checked to be finished and to have its weights: a half-trained ensemble is refused, not
     silently read as a smaller one."""
-    from mnist_cnn.ensemble import finished_runs, is_ensemble, member_dirs  # they import train
+    from mnist_cnn.ensemble import is_ensemble, member_dirs  # ensemble imports train
 
     folder = Path(folder)
-    wanted = (member_dirs(folder) if is_ensemble(folder) else [folder]) if folder.is_dir() else []
-    done = set(finished_runs(folder)) if wanted else set()
-    lacking = [r for r in wanted if r not in done or not (r / "model.safetensors").is_file()
-               or not (r / "config.json").is_file()]
-    if not wanted or lacking:
+    runs = (member_dirs(folder) if is_ensemble(folder) else [folder]) if folder.is_dir() else []
+    # Finished (report.json, as ensemble.finished_runs reads it), with what load_run reads.
+    needed = ("report.json", "config.json", "model.safetensors")
+    lacking = [r for r in runs if not all((r / name).is_file() for name in needed)]
+    if not runs or lacking:
         which = f" ({', '.join(r.name for r in lacking)} unfinished)" if lacking else ""
         raise ValueError(f"teacher {folder} is not a finished run or ensemble folder{which}")
-    return wanted
+    return runs
 
 
 def teacher_targets(
