@@ -4,9 +4,11 @@
 
 Writes src/mnist_cnn/weights/{model.safetensors, config.json, report.json}. Half precision halves
 the file (12.9 MB → 6.5 MB); tests/test_predict.py checks the shipped model still reaches the
-accuracy its report.json states.
+accuracy its report.json states. A distilled run's teacher is recorded by its folder name only:
+its absolute path means nothing on a user's machine.
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +20,9 @@ target = Path(__file__).resolve().parents[1] / "src" / "mnist_cnn" / "weights"
 target.mkdir(exist_ok=True)
 tensors = {k: v.half() for k, v in load_file(str(run / "model.safetensors")).items()}
 save_file(tensors, str(target / "model.safetensors"), metadata={"source": run.name})
-for name in ("config.json", "report.json"):
-    shutil.copy(run / name, target / name)
+shutil.copy(run / "report.json", target / "report.json")
+config = json.loads((run / "config.json").read_text())
+if config.get("teacher"):
+    config["teacher"] = Path(config["teacher"]).name
+(target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 print(f"shipped {run} → {target}")
