@@ -73,6 +73,17 @@ def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tm
     assert message in err and "Traceback" not in err
 
 
+def test_an_output_folder_that_cannot_be_made_is_refused_at_once(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for argv in (["train", "--out", str(blocker)], ["ensemble", "--out", str(blocker / "sub")],
+                 ["evaluate", "x", "--out", str(blocker)],
+                 ["predict", "x.png", "--save-preprocessed", str(blocker)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{blocker} is a file, not a folder" in err and "Traceback" not in err, argv
+
+
 def test_resuming_a_student_whose_teacher_is_gone_is_a_clear_error(tmp_path, capsys):
     from mnist_cnn.config import TrainConfig
 

@@ -88,13 +88,12 @@ def test_page_and_schema(client):
 
 @pytest.fixture(scope="module")
 def server(app):
-    """The real server on a free loopback port, in a thread."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
+    """The real server on a free loopback port, in a thread, on a socket from `serve.listen` as
+    `mnist-cnn serve` runs it."""
+    sock = serve.listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not srv.started:
@@ -176,3 +175,14 @@ def test_draw_a_digit_in_a_real_browser(server, tmp_path):
         assert shot.stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_a_port_in_use_is_one_clear_line(capsys):
+    from mnist_cnn.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1:" in err and "in use" in err and "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -240,12 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (loopback: only this machine can connect)")
-    sv.add_argument("--port", type=_positive(int), default=8000, help="port to listen on")
+    sv.add_argument("--port", type=_bounded(int, 0, inclusive=False, high=65535), default=8000,
+                    help="port to listen on")
     sv.add_argument("--checkpoint", metavar="RUN_DIR", type=Path,
                     help="a run folder to use (default: the model shipped with the package)")
     sv.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                     help="where to compute")
     return parser
+
+
+def _check_out(path: Path, flag: str) -> None:
+    """Refuse an output folder that cannot be made (a file in the way, no permission) at once, in
+    one line, instead of with a traceback after loading data or training."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {existing}")
 
 
 def _new_run_dir() -> Path:
@@ -334,6 +348,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _config_from_args(args)
         run_dir = args.out or _new_run_dir()
+        _check_out(run_dir, "--out")
         if dist.world > 1:  # every rank must write to rank 0's folder
             import torch.distributed as tdist
 
@@ -382,6 +397,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     out = args.out or args.run_dir
+    if args.out:
+        _check_out(args.out, "--out")
     if is_ensemble(args.run_dir):
         tta = None if args.tta is None else args.tta == "on"
         report = write_ensemble_report(args.run_dir, out, _load_data(args), device, tta)
@@ -405,6 +422,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     device = _device(args.device)
     cfg = _config_from_args(args)
     folder = args.out or _new_run_dir()
+    _check_out(folder, "--out")
     data = _load_data(args)
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"
           f"{cfg.seed + args.models - 1} → {folder}", file=sys.stderr)
@@ -431,6 +449,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from mnist_cnn.predict import predict_files
 
+    if args.save_preprocessed:
+        _check_out(args.save_preprocessed, "--save-preprocessed")
     results = predict_files(_classifier(args), args.images)
     if args.save_preprocessed:
         args.save_preprocessed.mkdir(parents=True, exist_ok=True)
@@ -458,11 +478,15 @@ def _classifier(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mnist_cnn.serve import run
+    from mnist_cnn.serve import listen, run
 
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as e:  # the address in use, an unknown host, a port that needs root
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     classifier = _classifier(args)
     print(f"Serving on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
-    run(classifier, args.host, args.port)
+    run(classifier, sock)
     return 0
 
 

@@ -11,6 +11,7 @@ before they are read, images in pixels before they are decoded.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -86,7 +87,24 @@ def create_app(classifier: Classifier) -> FastAPI:
     return app
 
 
-def run(classifier: Classifier, host: str = "127.0.0.1", port: int = 8000) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port. Bound here rather than by uvicorn so that an address in
+    use or an unknown host raises OSError for the caller to report: uvicorn logs such an error
+    and then does not exit."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart without waiting
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def run(classifier: Classifier, sock: socket.socket) -> None:
+    """Serve the app on a socket from `listen` until Ctrl-C."""
     import uvicorn
 
-    uvicorn.run(create_app(classifier), host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn.Config(create_app(classifier), log_level="info")).run(sockets=[sock])
