@@ -84,6 +84,26 @@ def test_an_output_folder_that_cannot_be_made_is_refused_at_once(tmp_path, capsy
         assert f"{blocker} is a file, not a folder" in err and "Traceback" not in err, argv
 
 
+def test_a_corrupt_run_folder_is_one_clear_line(tmp_path, capsys):
+    from mnist_cnn.config import TrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig().save(run / "config.json")
+    (run / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # truncated
+    (run / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    for argv, name in ((["evaluate", str(run)], "model.safetensors"),
+                       (["predict", "x.png", "--checkpoint", str(run)], "model.safetensors"),
+                       (["train", "--resume", str(run)], "checkpoint.safetensors")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{run / name} cannot be read as" in err and "Traceback" not in err, argv
+    (run / "config.json").write_text('{"epochs": 3,')  # an edit gone wrong
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.json'} cannot be read as a run's config.json" in err
+
+
 def test_resuming_a_student_whose_teacher_is_gone_is_a_clear_error(tmp_path, capsys):
     from mnist_cnn.config import TrainConfig
 

@@ -512,13 +512,14 @@ def _print_report(report: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mnist_cnn.config import CorruptFile
     from mnist_cnn.data import DataError
 
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                     "serve": cmd_serve, "bench": cmd_bench, "ensemble": cmd_ensemble}
         return commands[args.command](args)
-    except (UserError, DataError) as e:
+    except (UserError, DataError, CorruptFile) as e:
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,17 @@ from pathlib import Path
 from mnist_cnn import __version__
 
 
+class CorruptFile(ValueError):
+    """A run folder's file that cannot be read: truncated, edited, or another model's."""
+
+
+def corrupt(path: Path, what: str, error: Exception) -> CorruptFile:
+    """The one-line error for `path`, with the first line of the reader's own complaint."""
+    text = str(error).strip()
+    detail = text.splitlines()[0][:200] if text else type(error).__name__
+    return CorruptFile(f"{path} cannot be read as {what} ({detail})")
+
+
 @dataclass
 class TrainConfig:
     # Model: the reference table; padding and dropout are the two things its text leaves open.
@@ -117,7 +128,10 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (ValueError, TypeError, AttributeError) as e:  # bad JSON, or not a config's fields
+            raise corrupt(path, "a run's config.json", e) from None
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -33,7 +34,7 @@ from mnist_cnn.augment import (
     thicken,
     transform,
 )
-from mnist_cnn.config import TrainConfig
+from mnist_cnn.config import TrainConfig, corrupt
 from mnist_cnn.data import MNIST, normalize
 from mnist_cnn.model import build_model
 
@@ -218,7 +219,11 @@ def save_weights(path: Path, model: nn.Module, metadata: dict | None = None) -> 
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, RuntimeError) as e:  # truncated, or another architecture's weights
+        what = f"weights of the {type(model).__name__} its config.json names"
+        raise corrupt(path, what, e) from None
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -243,9 +248,12 @@ def _save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
 def _load_checkpoint(path: Path, model, ema, optimizer, device) -> dict:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        state = json.loads(f.metadata()["state"])
-    tensors = load_file(str(path), device=str(device))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads(f.metadata()["state"])
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, ValueError, KeyError, TypeError) as e:
+        raise corrupt(path, "a training checkpoint", e) from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     if ema is not None:
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
