@@ -15,6 +15,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from mnist_cnn.config import write_json
+
 run = Path(sys.argv[1])
 target = Path(__file__).resolve().parents[1] / "src" / "mnist_cnn" / "weights"
 target.mkdir(exist_ok=True)
@@ -24,5 +26,5 @@ shutil.copy(run / "report.json", target / "report.json")
 config = json.loads((run / "config.json").read_text())
 if config.get("teacher"):
     config["teacher"] = Path(config["teacher"]).name
-(target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+write_json(target / "config.json", config)
 print(f"shipped {run} → {target}")

@@ -11,6 +11,10 @@ Pairs are also counted by how many validation images apart they are, which is wh
 would cut on. Runs shorter than 20 epochs, and copies (the same seed with the same validation
 accuracy, validation loss and test accuracy), are left out.
 
+With --perturbed, each run's kept model is also scored on the validation images seen through
+the six fixed test-time views (1-pixel shifts, ±8° rotations: 30,000 harder images), a third
+reading compared the same way (it loads every model: a few minutes).
+
 This reads the test set to judge the *protocol* (choose on validation accuracy), never to
 choose a recipe; pairs share runs, so the counts are descriptive, not independent trials.
 """
@@ -41,10 +45,32 @@ def load_runs(parents: list[Path]) -> list[dict]:
             if cfg["epochs"] < 20 or key in seen:
                 continue
             seen.add(key)
-            runs.append({"folder": str(folder), "model": cfg["model"], "seed": cfg["seed"],
+            runs.append({"path": run, "folder": str(folder), "model": cfg["model"],
+                         "seed": cfg["seed"],
                          "val_errors": round((1 - report["val_accuracy"]) * VAL_SIZE),
                          "val_loss": val_loss, "test_errors": report["test_errors"]})
     return runs
+
+
+def add_perturbed_errors(runs: list[dict], data_dir: str | None) -> None:
+    """Each run's errors on the validation images under the six non-identity TTA views."""
+    import torch
+
+    from mnist_cnn.data import load_mnist, resolve_data_dir
+    from mnist_cnn.ensemble import TTA, tta_view
+    from mnist_cnn.evaluate import load_run
+    from mnist_cnn.train import predict_proba, resolve_precision
+
+    data = load_mnist(resolve_data_dir(data_dir))
+    views = [tta_view(data.val_images, view) for view in TTA[1:]]
+    device = torch.device("cpu")
+    for run in runs:
+        cfg, model = load_run(run["path"], device)
+        amp = resolve_precision(cfg.precision, device)
+        run["val_perturbed_errors"] = sum(
+            int((predict_proba(model, x, device, amp).argmax(1) != data.val_labels).sum())
+            for x in views
+        )
 
 
 def counted(c: list[int]) -> dict:
@@ -57,14 +83,17 @@ def tally(runs: list[dict]) -> list[dict]:
     for model in sorted({r["model"] for r in runs}):
         mine = [r for r in runs if r["model"] == model]
         # per criterion: [agree, disagree, test equal]; accuracy also per band of images apart
-        counts = {"val_accuracy": [0, 0, 0], "val_loss": [0, 0, 0]}
+        readings = {"val_accuracy": "val_errors", "val_loss": "val_loss"}
+        if "val_perturbed_errors" in mine[0]:
+            readings["val_perturbed"] = "val_perturbed_errors"
+        counts = {name: [0, 0, 0] for name in readings}
         bands = {name: [0, 0, 0] for name in BANDS}
         for a, b in itertools.combinations(mine, 2):
             if a["seed"] != b["seed"] or a["folder"] == b["folder"]:
                 continue
             better_test = a["test_errors"] - b["test_errors"]  # > 0: b has fewer test errors
-            for name, better_val in (("val_accuracy", a["val_errors"] - b["val_errors"]),
-                                     ("val_loss", a["val_loss"] - b["val_loss"])):
+            for name, key in readings.items():
+                better_val = a[key] - b[key]  # > 0: b reads better
                 if better_val == 0:
                     continue
                 slot = 2 if better_test == 0 else 0 if (better_val > 0) == (better_test > 0) else 1
@@ -85,7 +114,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("parents", nargs="+", type=Path, metavar="FOLDER",
                         help="folders holding run or ensemble folders (e.g. runs/)")
-    for line in tally(load_runs(parser.parse_args().parents)):
+    parser.add_argument("--perturbed", action="store_true",
+                        help="also read validation through the six test-time views")
+    parser.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DATA_DIR)")
+    args = parser.parse_args()
+    runs = load_runs(args.parents)
+    if args.perturbed:
+        add_perturbed_errors(runs, args.data_dir)
+    for line in tally(runs):
         print(json.dumps(line), flush=True)
 
 

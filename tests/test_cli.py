@@ -73,15 +73,26 @@ def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tm
     assert message in err and "Traceback" not in err
 
 
-def test_an_output_folder_that_cannot_be_made_is_refused_at_once(tmp_path, capsys):
+def test_an_output_folder_that_cannot_be_made_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    import mnist_cnn.cli as cli
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before --out was checked")
+
+    monkeypatch.setattr(cli, "_load_data", no_data)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    for argv in (["train", "--out", str(blocker)], ["ensemble", "--out", str(blocker / "sub")],
-                 ["evaluate", "x", "--out", str(blocker)],
-                 ["predict", "x.png", "--save-preprocessed", str(blocker)]):
+    commands = (["train", "--out", str(blocker)], ["ensemble", "--out", str(blocker / "sub")],
+                ["evaluate", "x", "--out", str(blocker)],
+                ["predict", "x.png", "--save-preprocessed", str(blocker)])
+    for argv in commands:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert f"{blocker} is a file, not a folder" in err and "Traceback" not in err, argv
+        assert f"{blocker} is in the way (not a folder)" in err and "Traceback" not in err, argv
+    # A folder we may not write in (simulated: the tests may run as root, who always may).
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    assert main(["train", "--out", str(tmp_path / "new" / "run")]) == 2
+    assert f"no permission to write in {tmp_path}" in capsys.readouterr().err
 
 
 def test_a_corrupt_run_folder_is_one_clear_line(tmp_path, capsys):
@@ -98,10 +109,22 @@ def test_a_corrupt_run_folder_is_one_clear_line(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"{run / name} cannot be read as" in err and "Traceback" not in err, argv
-    (run / "config.json").write_text('{"epochs": 3,')  # an edit gone wrong
+    # Another architecture's weights, and its checkpoint (config.json edited to another model).
+    from mnist_cnn.model import build_model
+    from mnist_cnn.train import save_weights
+
+    save_weights(run / "model.safetensors", build_model("strong"))
     assert main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"{run / 'config.json'} cannot be read as a run's config.json" in err
+    assert "model.safetensors cannot be read as weights of the ReferenceCNN" in err
+    assert "tensor" in err and "Traceback" not in err
+    for text, why in (('{"epochs": 3,', "Expecting"), ("[1, 2]", "a JSON list, not an object"),
+                      ('{"model": "nope"}', "unknown model 'nope'")):  # edits gone wrong
+        (run / "config.json").write_text(text)
+        assert main(["evaluate", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'config.json'} cannot be read as a run's config.json" in err, text
+        assert why in err and "Traceback" not in err, text
 
 
 def test_resuming_a_student_whose_teacher_is_gone_is_a_clear_error(tmp_path, capsys):

@@ -90,10 +90,10 @@ def test_page_and_schema(client):
 def server(app):
     """The real server on a free loopback port, in a thread, on a socket from `serve.listen` as
     `mnist-cnn serve` runs it."""
-    sock = serve.listen("127.0.0.1", 0)
-    port = sock.getsockname()[1]
+    socks = serve.listen("127.0.0.1", 0)
+    port = socks[0].getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": socks}, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not srv.started:
@@ -177,12 +177,23 @@ def test_draw_a_digit_in_a_real_browser(server, tmp_path):
         driver.quit()
 
 
-def test_a_port_in_use_is_one_clear_line(capsys):
+def test_a_port_in_use_is_one_clear_line(capsys, monkeypatch):
     from mnist_cnn.cli import main
 
+    def serve_forever(*args):
+        raise AssertionError("served on a port that was taken")
+
+    monkeypatch.setattr(serve, "run", serve_forever)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            serve.listen("127.0.0.1", port)
+        assert main(["serve", "--port", str(port)]) == 2
     err = capsys.readouterr().err
-    assert "cannot listen on 127.0.0.1:" in err and "in use" in err and "Traceback" not in err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--port", "65536"])
+    assert "must be 65535 or less" in capsys.readouterr().err

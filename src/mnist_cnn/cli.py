@@ -254,10 +254,12 @@ def _check_out(path: Path, flag: str) -> None:
     """Refuse an output folder that cannot be made (a file in the way, no permission) at once, in
     one line, instead of with a traceback after loading data or training."""
     existing = path
-    while not existing.exists() and existing != existing.parent:
+    # os.path's tests, not Path's: they read a folder we may not enter (or a dangling link) as
+    # "not there" instead of raising, so the loop climbs to what we can report on.
+    while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is in the way (not a folder)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: no permission to write in {existing}")
 
@@ -348,13 +350,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _config_from_args(args)
         run_dir = args.out or _new_run_dir()
-        _check_out(run_dir, "--out")
         if dist.world > 1:  # every rank must write to rank 0's folder
             import torch.distributed as tdist
 
             shared = [run_dir]
             tdist.broadcast_object_list(shared, src=0)
             run_dir = shared[0]
+        _check_out(run_dir, "--out")
         if (run_dir / "checkpoint.safetensors").exists():
             raise UserError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
@@ -480,13 +482,14 @@ def _classifier(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from mnist_cnn.serve import listen, run
 
-    try:
-        sock = listen(args.host, args.port)
-    except OSError as e:  # the address in use, an unknown host, a port that needs root
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     classifier = _classifier(args)
-    print(f"Serving on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
-    run(classifier, sock)
+    where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    try:
+        socks = listen(args.host, args.port)
+    except (OSError, UnicodeError) as e:  # the address in use, an unknown or malformed host
+        raise UserError(f"cannot listen on {where}: {getattr(e, 'strerror', None) or e}") from None
+    print(f"Serving on http://{where}/ (Ctrl-C to stop)", file=sys.stderr)
+    run(classifier, socks)
     return 0
 
 

@@ -129,8 +129,11 @@ class TrainConfig:
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
         try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (ValueError, TypeError, AttributeError) as e:  # bad JSON, or not a config's fields
+            d = json.loads(Path(path).read_text())
+            if not isinstance(d, dict):
+                raise TypeError(f"a JSON {type(d).__name__}, not an object")
+            return cls.from_json(d)
+        except (ValueError, TypeError) as e:  # not JSON (ValueError), or fields of the wrong kind
             raise corrupt(path, "a run's config.json", e) from None
 
 

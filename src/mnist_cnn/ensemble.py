@@ -101,12 +101,15 @@ def ensemble_probas(
         amp = resolve_precision(cfg.precision, device)
         for images, total in zip(image_sets, totals, strict=True):
             for k, view in enumerate(views):
-                x = images
-                if k > 0:  # view 0 is the identity
-                    x = transform(images.unsqueeze(1).float(), view.expand(len(images), 4))
-                    x = x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+                x = images if k == 0 else tta_view(images, view)  # view 0 is the identity
                 total += predict_proba(model, x, device, amp)
     return [total / (len(runs) * len(views)) for total in totals]
+
+
+def tta_view(images: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, 28, 28] seen through one row of TTA (degrees, scale, dx, dy)."""
+    x = transform(images.unsqueeze(1).float(), view.expand(len(images), 4))
+    return x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
 
 
 def write_ensemble_report(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mnist_cnn import __version__, figures
-from mnist_cnn.config import TrainConfig, write_json
+from mnist_cnn.config import TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.model import count_params
 from mnist_cnn.train import (
@@ -37,7 +37,10 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[TrainConfig, nn.Modul
                 "(a run folder is what `mnist-cnn train --out DIR` writes)"
             )
     cfg = TrainConfig.load(run_dir / "config.json")
-    model = prepare_model(cfg, device)
+    try:
+        model = prepare_model(cfg, device)
+    except ValueError as e:  # an unknown model name or width, from an edited config.json
+        raise corrupt(run_dir / "config.json", "a run's config.json", e) from None
     load_weights(run_dir / "model.safetensors", model)
     return cfg, model
 

@@ -11,6 +11,7 @@ before they are read, images in pixels before they are decoded.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -87,24 +88,35 @@ def create_app(classifier: Classifier) -> FastAPI:
     return app
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A socket listening on host:port. Bound here rather than by uvicorn so that an address in
-    use or an unknown host raises OSError for the caller to report: uvicorn logs such an error
-    and then does not exit."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on host:port, one per address the host names (localhost is often both
+    127.0.0.1 and ::1). Bound here rather than by uvicorn so that an address in use or an
+    unknown host raises OSError for the caller to report before serving: uvicorn logs such an
+    error among its start-up lines, and under this command it was seen not to exit."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart without waiting
-        sock.bind(address)
-        sock.listen(2048)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            if os.name == "posix":  # restart without waiting (on Windows it would share a port)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # IPv4 has its own socket when the host names both
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)
     except OSError:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    return sock
+    return socks
 
 
-def run(classifier: Classifier, sock: socket.socket) -> None:
-    """Serve the app on a socket from `listen` until Ctrl-C."""
+def run(classifier: Classifier, socks: list[socket.socket]) -> None:
+    """Serve the app on the sockets from `listen` until Ctrl-C (a normal end, not an error)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(create_app(classifier), log_level="info")).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn.Config(create_app(classifier), log_level="info")).run(sockets=socks)
+    except KeyboardInterrupt:
+        pass

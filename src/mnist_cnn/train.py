@@ -219,11 +219,28 @@ def save_weights(path: Path, model: nn.Module, metadata: dict | None = None) -> 
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
+    what = f"weights of the {type(model).__name__} its config.json names"
     try:
-        model.load_state_dict(load_file(str(path)))
-    except (SafetensorError, RuntimeError) as e:  # truncated, or another architecture's weights
-        what = f"weights of the {type(model).__name__} its config.json names"
+        tensors = load_file(str(path))
+    except SafetensorError as e:  # truncated or not safetensors
         raise corrupt(path, what, e) from None
+    _load_state(model, tensors, path, what)
+
+
+def _load_state(module: nn.Module, tensors: dict, path: Path, what: str) -> None:
+    """load_state_dict, after checking names and shapes so that another architecture's file
+    (an edited config.json) is reported as such rather than as a RuntimeError."""
+    expected = module.state_dict()
+    odd = sorted(expected.keys() ^ tensors.keys())
+    if odd:
+        side = "missing" if odd[0] in expected else "unexpected"
+        raise corrupt(path, what, ValueError(f"{side} tensor {odd[0]}"))
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            want = list(expected[name].shape)
+            raise corrupt(path, what, ValueError(
+                f"{name} has shape {list(tensor.shape)}, the model's is {want}"))
+    module.load_state_dict(tensors)
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -254,9 +271,10 @@ def _load_checkpoint(path: Path, model, ema, optimizer, device) -> dict:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise corrupt(path, "a training checkpoint", e) from None
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    what = f"a training checkpoint of the {type(model).__name__} its config.json names"
+    _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path, what)
     if ema is not None:
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        _load_state(ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path, what)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     opt_state: dict[int, dict] = {}
     for k, v in tensors.items():
