@@ -49,6 +49,14 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
     assert main(["train", "--epochs", "1", "--out", str(run), *args]) == 2
     assert "--resume" in capsys.readouterr().err
 
+    # Resuming the finished run trains nothing and rewrites nothing: it says so, with its numbers.
+    before = {name: (run / name).stat().st_mtime_ns for name in RUN_FILES}
+    assert main(["train", "--resume", str(run), *args]) == 0
+    captured = capsys.readouterr()
+    assert "nothing to resume" in captured.err
+    assert f"test accuracy {100 * report['test_accuracy']:.2f}%" in captured.out
+    assert {name: (run / name).stat().st_mtime_ns for name in RUN_FILES} == before
+
 
 @pytest.mark.parametrize(
     "argv, message",

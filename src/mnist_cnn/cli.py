@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -343,6 +344,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         for name in ("checkpoint.safetensors", "config.json"):
             if not (run_dir / name).is_file():
                 raise UserError(f"{run_dir} has no {name} to resume from")
+        if (run_dir / "report.json").is_file():  # written once the last epoch is done
+            print(f"{run_dir} has finished all its epochs: nothing to resume", file=sys.stderr)
+            _print_report(json.loads((run_dir / "report.json").read_text()), run_dir)
+            return 0
         cfg = TrainConfig.load(run_dir / "config.json")
         if cfg.teacher is not None:
             # It may have moved since the run began: its targets are computed again.
@@ -445,8 +450,6 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import json
-
     from PIL import Image
 
     from mnist_cnn.predict import predict_files
