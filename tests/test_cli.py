@@ -101,6 +101,8 @@ def test_an_output_folder_that_cannot_be_made_is_refused_at_once(tmp_path, capsy
     monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
     assert main(["train", "--out", str(tmp_path / "new" / "run")]) == 2
     assert f"no permission to write in {tmp_path}" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path)]) == 2  # writes into RUN_DIR when --out is not given
+    assert "give --out to write elsewhere" in capsys.readouterr().err
 
 
 def test_a_corrupt_run_folder_is_one_clear_line(tmp_path, capsys):

@@ -344,6 +344,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for name in ("checkpoint.safetensors", "config.json"):
             if not (run_dir / name).is_file():
                 raise UserError(f"{run_dir} has no {name} to resume from")
+        _check_out(run_dir, "--resume")
         if (run_dir / "report.json").is_file():  # written once the last epoch is done
             print(f"{run_dir} has finished all its epochs: nothing to resume", file=sys.stderr)
             _print_report(json.loads((run_dir / "report.json").read_text()), run_dir)
@@ -406,6 +407,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or args.run_dir
     if args.out:
         _check_out(args.out, "--out")
+    elif os.path.isdir(args.run_dir):  # else load_run says it is not a run folder
+        _check_out(args.run_dir, "RUN_DIR (give --out to write elsewhere)")
     if is_ensemble(args.run_dir):
         tta = None if args.tta is None else args.tta == "on"
         report = write_ensemble_report(args.run_dir, out, _load_data(args), device, tta)
