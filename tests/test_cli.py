@@ -206,8 +206,12 @@ def test_recipe_flags_reach_the_config(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("report.json", "config.json", "model.safetensors"):
-        (run / name).write_text("{}")  # _config_from_args checks they exist, loads none
+    # A finished run as _config_from_args checks it (the weights are not loaded there).
+    from mnist_cnn.config import TrainConfig, write_json
+
+    TrainConfig().save(run / "config.json")
+    write_json(run / "report.json", {"epochs": TrainConfig().epochs})
+    (run / "model.safetensors").write_text("{}")
     args = build_parser().parse_args(
         ["ensemble", "--teacher", str(run), "--teacher-weight", "0.7",
          "--teacher-temperature", "2"]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import load_script
 
-from mnist_cnn.config import TrainConfig
+from mnist_cnn.config import TrainConfig, write_json
 from mnist_cnn.evaluate import load_run, write_report
-from mnist_cnn.train import Interrupted, lr_at, train
+from mnist_cnn.train import Interrupted, lr_at, run_finished, train
 
 CPU = torch.device("cpu")
 TINY = TrainConfig(epochs=2, batch_size=128, train_subset=1500, precision="fp32")
@@ -75,6 +75,12 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path, opt
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert (run / "model.safetensors").exists() and (run / "checkpoint.safetensors").exists()
 
+    # A report.json in a half-trained run (`mnist-cnn evaluate` writes one) does not make it
+    # finished, even one claiming every epoch: the checkpoint is at epoch 1.
+    for epochs in (1, cfg.epochs):
+        write_json(run / "report.json", {"epochs": epochs})
+        assert not run_finished(run)
+
     saved = TrainConfig.load(run / "config.json")
     # TINY's defaults, resolved
     assert saved == dataclasses.replace(cfg, clean_epochs=0, max_rotation=25.0)
@@ -82,6 +88,10 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path, opt
     assert without_time(resumed) == without_time(full)
     lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in lines] == [1, 2]
+    write_json(run / "report.json", {"epochs": 1})  # a stale report of the first epoch
+    assert not run_finished(run)
+    write_json(run / "report.json", {"epochs": cfg.epochs})
+    assert run_finished(run)
 
 
 def test_select_keeps_the_last_or_the_best_epoch(mnist, tmp_path):

@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_out(path: Path, flag: str) -> None:
+def _check_out(path: Path, flag: str, hint: str = "") -> None:
     """Refuse an output folder that cannot be made (a file in the way, no permission) at once, in
     one line, instead of with a traceback after loading data or training."""
     existing = path
@@ -260,9 +260,9 @@ def _check_out(path: Path, flag: str) -> None:
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
     if not os.path.isdir(existing):
-        raise UserError(f"{flag} {path}: {existing} is in the way (not a folder)")
+        raise UserError(f"{flag} {path}: {existing} is in the way (not a folder){hint}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: no permission to write in {existing}")
+        raise UserError(f"{flag} {path}: no permission to write in {existing}{hint}")
 
 
 def _new_run_dir() -> Path:
@@ -334,22 +334,32 @@ def _device(name: str):
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_cnn.evaluate import load_run, write_report
     from mnist_cnn.model import count_params
-    from mnist_cnn.train import Interrupted, distributed_setup, prepare_model, train
+    from mnist_cnn.train import (
+        Interrupted,
+        distributed_setup,
+        prepare_model,
+        run_finished,
+        train,
+    )
 
     # Under `torchrun --nproc-per-node N --no-python mnist-cnn train ...` this joins the group.
     dist, device_name = distributed_setup(args.device)
     device = _device(device_name)
+    say = print if dist.main else (lambda *a, **k: None)
     if args.resume:
         run_dir = args.resume
         for name in ("checkpoint.safetensors", "config.json"):
             if not (run_dir / name).is_file():
                 raise UserError(f"{run_dir} has no {name} to resume from")
-        _check_out(run_dir, "--resume")
-        if (run_dir / "report.json").is_file():  # written once the last epoch is done
-            print(f"{run_dir} has finished all its epochs: nothing to resume", file=sys.stderr)
-            _print_report(json.loads((run_dir / "report.json").read_text()), run_dir)
-            return 0
         cfg = TrainConfig.load(run_dir / "config.json")
+        if run_finished(run_dir):
+            say(f"{run_dir} has finished all its epochs: nothing to resume", file=sys.stderr)
+            if dist.main:
+                report = json.loads((run_dir / "report.json").read_text())
+                _print_report(report, run_dir, wrote=False)
+            _end_distributed(dist)
+            return 0
+        _check_out(run_dir, "--resume")
         if cfg.teacher is not None:
             # It may have moved since the run began: its targets are computed again.
             _check_teacher(cfg.teacher, "this run's teacher (its config.json)")
@@ -368,7 +378,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "or choose another --out"
             )
-    say = print if dist.main else (lambda *a, **k: None)
     data = _load_data(args, quiet=not dist.main)
     params = count_params(prepare_model(cfg, device))
     say(
@@ -391,12 +400,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         _, model = load_run(run_dir, device)
         report = write_report(run_dir, run_dir, model, cfg, data, device, history)
         _print_report(report, run_dir)
+    _end_distributed(dist)
+    return 0
+
+
+def _end_distributed(dist) -> None:
+    """Under torchrun: wait for every process, then leave the group."""
     if dist.world > 1:
         import torch.distributed as tdist
 
         tdist.barrier()
         tdist.destroy_process_group()
-    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -408,7 +422,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         _check_out(args.out, "--out")
     elif os.path.isdir(args.run_dir):  # else load_run says it is not a run folder
-        _check_out(args.run_dir, "RUN_DIR (give --out to write elsewhere)")
+        _check_out(args.run_dir, "RUN_DIR", hint=" (give --out to write elsewhere)")
     if is_ensemble(args.run_dir):
         tta = None if args.tta is None else args.tta == "on"
         report = write_ensemble_report(args.run_dir, out, _load_data(args), device, tta)
@@ -507,7 +521,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_report(report: dict, out: Path) -> None:
+def _print_report(report: dict, out: Path, wrote: bool = True) -> None:
     best = report["best_epoch"]
     if best is None and "member_best_epoch" in report:  # an ensemble
         best = ", ".join(str(e) for e in report["member_best_epoch"])
@@ -515,7 +529,8 @@ def _print_report(report: dict, out: Path) -> None:
         f"test accuracy {100 * report['test_accuracy']:.2f}% "
         f"({report['test_errors']} of 10,000 wrong), validation {100 * report['val_accuracy']:.2f}%"
         f", kept epoch {best} of {report['epochs']}, "
-        f"{report['train_seconds']:.0f}s training\nwrote {out}/report.json and figures"
+        f"{report['train_seconds']:.0f}s training\n"
+        + (f"wrote {out}/report.json and figures" if wrote else f"from {out}/report.json")
     )
 
 

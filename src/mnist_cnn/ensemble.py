@@ -18,7 +18,7 @@ from mnist_cnn.augment import transform
 from mnist_cnn.config import TrainConfig, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.evaluate import load_run, read_history, save_report, write_report
-from mnist_cnn.train import predict_proba, resolve_precision, train
+from mnist_cnn.train import predict_proba, resolve_precision, run_finished, train
 
 # Test-time augmentation: the identity and small shifts and rotations, as (degrees, scale, dx, dy).
 TTA = torch.tensor([
@@ -75,7 +75,7 @@ def train_members(
     write_json(folder / "ensemble.json", {"members": names, "tta": tta})
     for name, member_cfg in zip(names, member_cfgs, strict=True):
         run = folder / name
-        if (run / "report.json").is_file():
+        if run_finished(run):
             log(f"{name}: finished earlier, reused")
             continue
         # A member with a checkpoint resumes; its saved config is member_cfg (checked above).

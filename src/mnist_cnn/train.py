@@ -169,9 +169,7 @@ def teacher_runs(folder: str | Path) -> list[Path]:
 
     folder = Path(folder)
     runs = (member_dirs(folder) if is_ensemble(folder) else [folder]) if folder.is_dir() else []
-    # Finished (report.json, as ensemble.finished_runs reads it), with what load_run reads.
-    needed = ("report.json", "config.json", "model.safetensors")
-    lacking = [r for r in runs if not all((r / name).is_file() for name in needed)]
+    lacking = [r for r in runs if not (run_finished(r) and (r / "model.safetensors").is_file())]
     if not runs or lacking:
         which = f" ({', '.join(r.name for r in lacking)} unfinished)" if lacking else ""
         raise ValueError(f"teacher {folder} is not a finished run or ensemble folder{which}")
@@ -262,14 +260,38 @@ def _save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
     _atomic_save({k: v.contiguous() for k, v in tensors.items()}, path, {"state": state})
 
 
-def _load_checkpoint(path: Path, model, ema, optimizer, device) -> dict:
+def run_finished(run_dir: Path) -> bool:
+    """Whether a run folder's training is complete: a report.json of all its epochs, and a
+    checkpoint (if kept) at the last one. report.json alone is not enough: `mnist-cnn evaluate`
+    of a half-trained run writes one too."""
+    run_dir = Path(run_dir)
+    report_path, ckpt = run_dir / "report.json", run_dir / "checkpoint.safetensors"
+    if not (report_path.is_file() and (run_dir / "config.json").is_file()):
+        return False
+    epochs = TrainConfig.load(run_dir / "config.json").epochs
+    try:
+        reported = json.loads(report_path.read_text())["epochs"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise corrupt(report_path, "a run's report.json", e) from None
+    return reported == epochs and (not ckpt.is_file() or _checkpoint_state(ckpt)["epoch"] >= epochs)
+
+
+def _checkpoint_state(path: Path) -> dict:
+    """The training state in a checkpoint's header (epoch, step, ...), without its tensors."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            state = json.loads(f.metadata()["state"])
-        tensors = load_file(str(path), device=str(device))
+            return json.loads(f.metadata()["state"])
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
+        raise corrupt(path, "a training checkpoint", e) from None
+
+
+def _load_checkpoint(path: Path, model, ema, optimizer, device) -> dict:
+    state = _checkpoint_state(path)
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except SafetensorError as e:
         raise corrupt(path, "a training checkpoint", e) from None
     what = f"a training checkpoint of the {type(model).__name__} its config.json names"
     _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path, what)
