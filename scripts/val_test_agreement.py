@@ -34,9 +34,7 @@ BANDS = {"1": (1, 1), "2-3": (2, 3), ">=4": (4, VAL_SIZE)}  # validation images 
 def load_runs(parents: list[Path]) -> list[dict]:
     runs, seen = [], set()
     for folder in (f for p in parents for f in sorted(p.iterdir()) if f.is_dir()):
-        for run in finished_runs(folder):
-            if not (run / "config.json").exists():  # an `evaluate` output, not a training run
-                continue
+        for run in finished_runs(folder):  # not `evaluate --out` folders: no config.json
             cfg = json.loads((run / "config.json").read_text())
             report = json.loads((run / "report.json").read_text())
             val_loss = kept_val_loss(read_history(run), report)

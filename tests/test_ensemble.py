@@ -153,7 +153,8 @@ def test_val_test_agreement_pairs_same_seed_runs_of_different_folders(tmp_path):
         (folder / "config.json").write_text(json.dumps(
             {"model": "reference", "seed": seed, "epochs": epochs}))
         (folder / "report.json").write_text(json.dumps(
-            {"val_accuracy": val_accuracy, "test_errors": test_errors, "best_epoch": epochs}))
+            {"val_accuracy": val_accuracy, "test_errors": test_errors, "best_epoch": epochs,
+             "epochs": epochs}))
         (folder / "metrics.jsonl").write_text(json.dumps({"epoch": epochs, "val_loss": val_loss}))
 
     run("a", 0, 0.9970, 0.011, 42)

@@ -38,10 +38,10 @@ def member_dirs(folder: Path) -> list[Path]:
 
 
 def finished_runs(folder: Path) -> list[Path]:
-    """The finished runs (those with a report.json) of a run folder (itself) or of an ensemble
-    folder (its members; one stopped part-way may have unfinished ones)."""
+    """The finished runs (train.run_finished) of a run folder (itself) or of an ensemble folder
+    (its members; one stopped part-way may have unfinished ones)."""
     runs = member_dirs(folder) if is_ensemble(folder) else [Path(folder)]
-    return [r for r in runs if (r / "report.json").is_file()]
+    return [r for r in runs if run_finished(r)]
 
 
 class RecipeMismatch(ValueError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -278,8 +278,6 @@ def run_finished(run_dir: Path) -> bool:
 
 def _checkpoint_state(path: Path) -> dict:
     """The training state in a checkpoint's header (epoch, step, ...), without its tensors."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return json.loads(f.metadata()["state"])
