@@ -77,7 +77,7 @@ def summarize(folder: Path) -> dict:
     # of its own: summarize the finished members (the ensemble fields are then None).
     runs = finished_runs(folder)
     if not runs:
-        sys.exit(f"{folder}: no finished run (no report.json)")
+        sys.exit(f"{folder}: no finished run (none with a report.json of all its epochs)")
     reports = [json.loads((r / "report.json").read_text()) for r in runs]
     histories = [read_history(r) for r in runs]
     configs = [TrainConfig.load(r / "config.json") for r in runs]

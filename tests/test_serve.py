@@ -197,3 +197,77 @@ def test_a_port_in_use_is_one_clear_line(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["serve", "--port", "65536"])
     assert "must be 65535 or less" in capsys.readouterr().err
+
+
+def test_the_serve_command_answers_on_every_address_and_stops_on_ctrl_c():
+    """`mnist-cnn serve` itself, as a user starts it: on every address localhost names here
+    (127.0.0.1, and ::1 where the machine names both), then Ctrl-C: exit status 0, no traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    for _ in range(3):  # a port free now may be taken before the server binds it: another one
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mnist_cnn", "serve", "--host", "localhost",
+             "--port", str(port)],
+            stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            answered = _wait_for_health(proc, port)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        if answered or "in use" not in err:
+            break
+    assert answered, err
+    assert proc.returncode == 0, err
+    assert f"Serving on http://localhost:{port}/" in err and "Traceback" not in err
+
+
+def _wait_for_health(proc, port: int) -> bool:
+    """Whether the server answers /api/health on every address localhost names (False if it
+    exited first)."""
+    hosts = [f"[{a[0]}]" if family == socket.AF_INET6 else a[0]
+             for family, *_, a in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)]
+    deadline = time.time() + 60
+    for host in hosts:
+        while True:
+            if proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/api/health", timeout=5) as r:
+                    assert json.loads(r.read())["status"] == "ok"
+                break
+            except OSError:
+                assert time.time() < deadline, f"no answer on {host}:{port}"
+                time.sleep(0.2)
+    return True
+
+
+def test_listen_passes_over_an_address_this_machine_cannot_have(monkeypatch):
+    # 192.0.2.1 (a documentation address) is not this machine's: binding it fails as ::1 does
+    # where IPv6 is off. With another address that binds, serve listens there alone.
+    real = socket.getaddrinfo
+
+    def resolve(*names):
+        return lambda host, port, **kw: [
+            info for name in names for info in real(name, port, type=socket.SOCK_STREAM)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve("192.0.2.1", "127.0.0.1"))
+    socks = serve.listen("twohosts", 0)
+    try:
+        assert [s.getsockname()[0] for s in socks] == ["127.0.0.1"]
+    finally:
+        for s in socks:
+            s.close()
+    monkeypatch.setattr(socket, "getaddrinfo", resolve("192.0.2.1"))
+    with pytest.raises(OSError):
+        serve.listen("nothere", 0)

@@ -177,10 +177,20 @@ def test_distillation_loss_is_t_squared_kl():
     assert distillation_loss(logits, soft, t).item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
-def test_distillation_targets_and_training(mnist, tmp_path):
+def test_distillation_targets_and_training(mnist, data_dir, tmp_path, capsys,
+                                            monkeypatch):
     import shutil
 
-    from mnist_cnn.train import predict_proba, teacher_targets
+    from mnist_cnn import ensemble
+    from mnist_cnn.cli import main
+    from mnist_cnn.ensemble import ensemble_probas, train_members
+    from mnist_cnn.train import (
+        TEACHER_FILE,
+        kept_teacher_probabilities,
+        predict_proba,
+        soften,
+        teacher_probabilities,
+    )
 
     quiet = dict(progress=False, log=lambda s: None)
     one = dataclasses.replace(TINY, epochs=1)
@@ -197,16 +207,17 @@ def test_distillation_targets_and_training(mnist, tmp_path):
         probs.append(predict_proba(model, images, CPU))
     (teacher / "ensemble.json").write_text(json.dumps({"members": ["member-0", "member-1"]}))
     p = (probs[0] + probs[1]) / 2
-    # softmax(log p / T) is p^(1/T), normalized: at T = 1 the members' average itself.
-    assert torch.allclose(teacher_targets(teacher, images, 1.0, CPU), p, atol=1e-5)
-    soft = teacher_targets(teacher, images, 4.0, CPU)
+    assert torch.allclose(teacher_probabilities(teacher, images, CPU), p, atol=1e-5)
+    # softmax(log p / T) is p^(1/T), normalized: at T = 1, p itself.
+    assert torch.allclose(soften(p, 1.0), p, atol=1e-5)
+    soft = soften(p, 4.0)
     expected = p ** 0.25 / (p ** 0.25).sum(1, keepdim=True)
     assert torch.allclose(soft, expected, atol=1e-5)
     assert (soft.max(1).values < p.max(1).values).all()  # softer, same ranking
     assert torch.equal(soft.argmax(1), p.argmax(1))
     for folder in (tmp_path / "none", tmp_path):
         with pytest.raises(ValueError, match="not a finished run"):
-            teacher_targets(folder, images, 1.0, CPU)
+            teacher_probabilities(folder, images, CPU)
 
     plain = train(one, tmp_path / "plain", mnist, CPU, **quiet)
     student = train(dataclasses.replace(one, teacher=str(teacher)), tmp_path / "s", mnist, CPU,
@@ -223,7 +234,58 @@ def test_distillation_targets_and_training(mnist, tmp_path):
     shutil.copytree(teacher, half)
     (half / "member-1" / "report.json").unlink()
     with pytest.raises(ValueError, match=r"\(member-1 unfinished\)"):
-        teacher_targets(half, images, 1.0, CPU)
+        teacher_probabilities(half, images, CPU)
+
+    # The teacher's probabilities are kept in the run folder: a student interrupted after its
+    # first epoch resumes from them, to the same numbers, after its teacher has moved away.
+    two = dataclasses.replace(TINY, teacher=str(teacher))
+    full = train(two, tmp_path / "full", mnist, CPU, **quiet)
+
+    def ctrl_c_after_first_epoch(line):
+        if line.startswith("epoch   1/"):
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        train(two, cut, mnist, CPU, progress=False, log=ctrl_c_after_first_epoch)
+    assert (cut / TEACHER_FILE).is_file()
+    teacher.rename(tmp_path / "moved")  # before, this stopped the student from resuming
+    assert main(["train", "--resume", str(cut), "--data-dir", str(data_dir),
+                 "--device", "cpu"]) == 0
+    assert f"Soft targets from the teacher {teacher} (kept in {TEACHER_FILE})" in (
+        capsys.readouterr().out)
+    lines = [json.loads(s) for s in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert without_time(lines) == without_time(full)
+    (tmp_path / "moved").rename(teacher)
+
+    # Only a resumed run reads a kept copy, and only a readable one of its own teacher: else the
+    # teacher labels the images again (a leftover of an earlier start, another's, a damaged one).
+    other = dataclasses.replace(one, teacher=str(teacher / "member-0"))
+    o = tmp_path / "o"
+    o.mkdir()
+    said = []
+    labelled_again = f"Soft targets from the teacher {teacher / 'member-0'}"
+    for leftover in (cut / TEACHER_FILE, cut / TEACHER_FILE, b"not safetensors"):
+        if isinstance(leftover, bytes):
+            (o / TEACHER_FILE).write_bytes(leftover)
+        else:
+            shutil.copyfile(leftover, o / TEACHER_FILE)
+        said.clear()
+        train(other, o, mnist, CPU, resume=(o / "checkpoint.safetensors").is_file(),
+              progress=False, log=said.append)
+        assert labelled_again in said
+    assert torch.equal(kept_teacher_probabilities(o, other),
+                       teacher_probabilities(teacher / "member-0", mnist.train_images[:1500], CPU))
+
+    # An ensemble's members share the teacher: it labels the images once for all of them.
+    calls = []
+    monkeypatch.setattr(ensemble, "ensemble_probas",
+                        lambda *a, **k: calls.append(1) or ensemble_probas(*a, **k))
+    ens = tmp_path / "ens"
+    train_members(dataclasses.replace(one, teacher=str(teacher)), ens, 2, mnist, CPU, **quiet)
+    assert len(calls) == 1
+    assert torch.equal(kept_teacher_probabilities(ens / "member-0", two),
+                       kept_teacher_probabilities(ens / "member-1", two))
 
 
 def test_clean_epochs_turn_augmentation_off_at_the_end(mnist, tmp_path):

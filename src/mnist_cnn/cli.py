@@ -337,6 +337,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mnist_cnn.train import (
         Interrupted,
         distributed_setup,
+        kept_teacher_probabilities,
         prepare_model,
         run_finished,
         train,
@@ -360,8 +361,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             _end_distributed(dist)
             return 0
         _check_out(run_dir, "--resume")
-        if cfg.teacher is not None:
-            # It may have moved since the run began: its targets are computed again.
+        if cfg.teacher is not None and kept_teacher_probabilities(run_dir, cfg) is None:
+            # Without the probabilities kept in the run folder (runs begun before they were)
+            # the teacher must label the images again, and it may have moved since.
             _check_teacher(cfg.teacher, "this run's teacher (its config.json)")
     else:
         cfg = _config_from_args(args)

@@ -18,7 +18,14 @@ from mnist_cnn.augment import transform
 from mnist_cnn.config import TrainConfig, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.evaluate import load_run, read_history, save_report, write_report
-from mnist_cnn.train import predict_proba, resolve_precision, run_finished, train
+from mnist_cnn.train import (
+    predict_proba,
+    resolve_precision,
+    run_finished,
+    teacher_probabilities,
+    train,
+    training_images,
+)
 
 # Test-time augmentation: the identity and small shifts and rotations, as (degrees, scale, dx, dy).
 TTA = torch.tensor([
@@ -73,6 +80,7 @@ def train_members(
                 )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "ensemble.json", {"members": names, "tta": tta})
+    teacher_probs = None
     for name, member_cfg in zip(names, member_cfgs, strict=True):
         run = folder / name
         if run_finished(run):
@@ -81,7 +89,12 @@ def train_members(
         # A member with a checkpoint resumes; its saved config is member_cfg (checked above).
         resume = (run / "checkpoint.safetensors").is_file()
         log(f"{name}: {'resuming' if resume else 'training'} (seed {member_cfg.seed})")
-        train(member_cfg, run, data, device, resume=resume, progress=progress, log=log)
+        if cfg.teacher and teacher_probs is None:
+            # The members share the teacher and the images: it labels them once.
+            teacher_probs = teacher_probabilities(
+                cfg.teacher, training_images(cfg, data)[0], device)
+        train(member_cfg, run, data, device, resume=resume, progress=progress, log=log,
+              teacher_probs=teacher_probs)
         _, model = load_run(run, device)
         report = write_report(run, run, model, member_cfg, data, device)
         log(f"{name}: test accuracy {100 * report['test_accuracy']:.2f}% "

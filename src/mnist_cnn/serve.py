@@ -11,6 +11,7 @@ before they are read, images in pixels before they are decoded.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -92,19 +93,34 @@ def listen(host: str, port: int) -> list[socket.socket]:
     """Sockets listening on host:port, one per address the host names (localhost is often both
     127.0.0.1 and ::1). Bound here rather than by uvicorn so that an address in use or an
     unknown host raises OSError for the caller to report before serving: uvicorn logs such an
-    error among its start-up lines, and under this command it was seen not to exit."""
+    error among its start-up lines, and under this command it was seen not to exit. An address
+    this machine cannot have (::1 where IPv6 is off) is passed over if another one binds."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
+    unavailable: OSError | None = None
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as e:  # the family itself is off
+                unavailable = e
+                continue
             socks.append(sock)
             if os.name == "posix":  # restart without waiting (on Windows it would share a port)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:  # IPv4 has its own socket when the host names both
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                if e.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise  # in use, or not allowed: the caller says so
+                socks.pop().close()
+                unavailable = e
+                continue
             sock.listen(2048)
+        if not socks:
+            raise unavailable or OSError(f"{host} names no address")
     except OSError:
         for sock in socks:
             sock.close()

@@ -4,6 +4,7 @@ A run folder holds everything about a run:
     config.json                 the TrainConfig (enough to rebuild and re-run)
     metrics.jsonl               one line per finished epoch
     checkpoint.safetensors      the last finished epoch: weights, EMA, optimizer state (resume)
+    teacher_targets.safetensors with a teacher: its probabilities for the training images (resume)
     model.safetensors           the weights kept: the last epoch's, or the best epoch's by
                                 validation accuracy (`select`)
     report.json + figures       written at the end by `evaluate.write_report`
@@ -176,16 +177,63 @@ def teacher_runs(folder: str | Path) -> list[Path]:
     return runs
 
 
-def teacher_targets(
-    folder: str | Path, images: torch.Tensor, temperature: float, device: torch.device
+def teacher_probabilities(
+    folder: str | Path, images: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
-    """Soft targets [N, 10] for uint8 images [N, 28, 28]: the teacher's (a run's, or an
-    ensemble's averaged, without test-time augmentation) softmax outputs p softened by the
-    temperature, softmax(log p / T) = p^(1/T), normalized."""
+    """The teacher's softmax outputs [N, 10] (on the CPU) for uint8 images [N, 28, 28]: a run's,
+    or an ensemble's averaged, without test-time augmentation."""
     from mnist_cnn.ensemble import ensemble_probas
 
-    p = ensemble_probas(teacher_runs(folder), [images.cpu()], device)[0]
-    return (p.clamp_min(1e-30).log() / temperature).softmax(1).to(device)
+    return ensemble_probas(teacher_runs(folder), [images.cpu()], device)[0]
+
+
+def soften(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Probabilities p softened by the temperature: softmax(log p / T) = p^(1/T), normalized."""
+    return (p.clamp_min(1e-30).log() / temperature).softmax(1)
+
+
+TEACHER_FILE = "teacher_targets.safetensors"
+
+
+def kept_teacher_probabilities(run_dir: Path, cfg: TrainConfig) -> torch.Tensor | None:
+    """The teacher's probabilities a run keeps in its folder (TEACHER_FILE, 2.2 MB for 55,000
+    images), written when it began: a resumed run reads them instead of asking the teacher
+    again, which may have moved since. None if absent, unreadable or another teacher's: they
+    are a copy, and the teacher, where it still is, labels the images again."""
+    try:
+        with safe_open(str(run_dir / TEACHER_FILE), framework="pt") as f:
+            if json.loads((f.metadata() or {}).get("teacher", "null")) != cfg.teacher:
+                return None
+            p = f.get_tensor("probabilities").float()
+    except (OSError, SafetensorError, ValueError):  # absent, or damaged
+        return None
+    return p if p.ndim == 2 and p.shape[1] == 10 else None
+
+
+def training_images(cfg: TrainConfig, data: MNIST) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images and labels a run trains on (all 55,000, or the first train_subset)."""
+    x, y = data.train_images, data.train_labels
+    return (x[: cfg.train_subset], y[: cfg.train_subset]) if cfg.train_subset else (x, y)
+
+
+def _soft_targets(
+    cfg: TrainConfig, run_dir: Path, images: torch.Tensor, device: torch.device, resume: bool,
+    teacher_probs: torch.Tensor | None, write: bool, log,
+) -> torch.Tensor:
+    """The run's soft targets: its teacher's probabilities for the training images, softened.
+    A fresh run takes them from `teacher_probs` (an ensemble labels once for all its members)
+    or from the teacher, and keeps them in its folder; a resumed run reads the kept copy."""
+    p = kept_teacher_probabilities(run_dir, cfg) if resume else None
+    if p is not None and len(p) == len(images):
+        log(f"Soft targets from the teacher {cfg.teacher} (kept in {TEACHER_FILE})")
+    else:
+        log(f"Soft targets from the teacher {cfg.teacher}")
+        p = teacher_probs if teacher_probs is not None else teacher_probabilities(
+            cfg.teacher, images, device)
+        if write:
+            _atomic_save({"probabilities": p.contiguous()}, run_dir / TEACHER_FILE,
+                         {"teacher": cfg.teacher})
+    return soften(p, cfg.teacher_temperature).to(device)
 
 
 def distillation_loss(
@@ -369,7 +417,7 @@ def distributed_setup(device_name: str) -> tuple[Dist, str]:
 def train(
     cfg: TrainConfig, run_dir: Path, data: MNIST, device: torch.device,
     resume: bool = False, progress: bool = True, log=print, dist: Dist | None = None,
-    on_epoch_end=None,
+    on_epoch_end=None, teacher_probs: torch.Tensor | None = None,
 ) -> list[dict]:
     """Train (or resume) a run in `run_dir`; return the metrics history, one dict per epoch.
 
@@ -378,6 +426,8 @@ def train(
     DistributedDataParallel averages the gradients, so the step equals the single-process one.
     Only rank 0 validates, writes files and prints. `on_epoch_end(epoch, model)` is called on
     rank 0 after each epoch with the model that is validated (used by the benchmark).
+    `teacher_probs`, with `cfg.teacher`: the teacher's probabilities for the training images,
+    if the caller has them already (`teacher_probabilities`); else the teacher is asked.
     """
     dist = dist or Dist()
     if cfg.select not in ("last", "best"):
@@ -395,9 +445,7 @@ def train(
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    train_x, train_y = data.train_images, data.train_labels
-    if cfg.train_subset:
-        train_x, train_y = train_x[: cfg.train_subset], train_y[: cfg.train_subset]
+    train_x, train_y = training_images(cfg, data)
     train_x, train_y = train_x.to(device), train_y.to(device)
     n = len(train_x)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -405,8 +453,8 @@ def train(
 
     soft = None
     if cfg.teacher:
-        log(f"Soft targets from the teacher {cfg.teacher}")
-        soft = teacher_targets(cfg.teacher, train_x, cfg.teacher_temperature, device)
+        soft = _soft_targets(cfg, run_dir, train_x, device, resume, teacher_probs,
+                             write=dist.main, log=log)
 
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_path = run_dir / "checkpoint.safetensors"
