@@ -177,36 +177,30 @@ def test_distillation_loss_is_t_squared_kl():
     assert distillation_loss(logits, soft, t).item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
-def test_distillation_targets_and_training(mnist, data_dir, tmp_path, capsys,
-                                            monkeypatch):
+@pytest.fixture(scope="module")
+def teacher(mnist, tmp_path_factory):
+    """A finished two-member ensemble folder (seeds 0 and 1, one epoch each) to distil from."""
+    folder = tmp_path_factory.mktemp("teacher")
+    for k in range(2):
+        run = folder / f"member-{k}"
+        cfg = dataclasses.replace(TINY, epochs=1, seed=k)
+        train(cfg, run, mnist, CPU, progress=False, log=lambda s: None)
+        _, model = load_run(run, CPU)
+        write_report(run, run, model, cfg, mnist, CPU)  # what makes a run finished
+    (folder / "ensemble.json").write_text(json.dumps({"members": ["member-0", "member-1"]}))
+    return folder
+
+
+def test_distillation_targets_and_training(mnist, teacher, tmp_path):
     import shutil
 
-    from mnist_cnn import ensemble
-    from mnist_cnn.cli import main
-    from mnist_cnn.ensemble import ensemble_probas, train_members
-    from mnist_cnn.train import (
-        TEACHER_FILE,
-        kept_teacher_probabilities,
-        predict_proba,
-        soften,
-        teacher_probabilities,
-    )
+    from mnist_cnn.train import predict_proba, soften, teacher_probabilities
 
     quiet = dict(progress=False, log=lambda s: None)
     one = dataclasses.replace(TINY, epochs=1)
-    # A two-member ensemble folder as the teacher: members of seeds 0 and 1.
-    teacher = tmp_path / "teacher"
-    probs = []
     images = mnist.train_images[:300]
-    for k in range(2):
-        run = teacher / f"member-{k}"
-        cfg = dataclasses.replace(one, seed=k)
-        train(cfg, run, mnist, CPU, **quiet)
-        _, model = load_run(run, CPU)
-        write_report(run, run, model, cfg, mnist, CPU)  # what makes a run finished
-        probs.append(predict_proba(model, images, CPU))
-    (teacher / "ensemble.json").write_text(json.dumps({"members": ["member-0", "member-1"]}))
-    p = (probs[0] + probs[1]) / 2
+    p = sum(predict_proba(load_run(teacher / f"member-{k}", CPU)[1], images, CPU)
+            for k in range(2)) / 2
     assert torch.allclose(teacher_probabilities(teacher, images, CPU), p, atol=1e-5)
     # softmax(log p / T) is p^(1/T), normalized: at T = 1, p itself.
     assert torch.allclose(soften(p, 1.0), p, atol=1e-5)
@@ -236,6 +230,22 @@ def test_distillation_targets_and_training(mnist, data_dir, tmp_path, capsys,
     with pytest.raises(ValueError, match=r"\(member-1 unfinished\)"):
         teacher_probabilities(half, images, CPU)
 
+
+def test_the_teacher_probabilities_are_kept_and_labelled_once(
+    mnist, data_dir, teacher, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    from mnist_cnn import ensemble
+    from mnist_cnn.cli import main
+    from mnist_cnn.ensemble import ensemble_probas, train_members
+    from mnist_cnn.train import TEACHER_FILE, kept_teacher_probabilities, teacher_probabilities
+
+    quiet = dict(progress=False, log=lambda s: None)
+    one = dataclasses.replace(TINY, epochs=1)
+    # A copy of the teacher, to be moved away.
+    teacher = shutil.copytree(teacher, tmp_path / "teacher")
+
     # The teacher's probabilities are kept in the run folder: a student interrupted after its
     # first epoch resumes from them, to the same numbers, after its teacher has moved away.
     two = dataclasses.replace(TINY, teacher=str(teacher))
@@ -258,22 +268,21 @@ def test_distillation_targets_and_training(mnist, data_dir, tmp_path, capsys,
     assert without_time(lines) == without_time(full)
     (tmp_path / "moved").rename(teacher)
 
-    # Only a resumed run reads a kept copy, and only a readable one of its own teacher: else the
-    # teacher labels the images again (a leftover of an earlier start, another's, a damaged one).
+    # Only a resumed run reads a kept copy, and only a readable one of its own teacher; else the
+    # teacher labels the images again.
     other = dataclasses.replace(one, teacher=str(teacher / "member-0"))
     o = tmp_path / "o"
     o.mkdir()
     said = []
-    labelled_again = f"Soft targets from the teacher {teacher / 'member-0'}"
-    for leftover in (cut / TEACHER_FILE, cut / TEACHER_FILE, b"not safetensors"):
-        if isinstance(leftover, bytes):
-            (o / TEACHER_FILE).write_bytes(leftover)
-        else:
-            shutil.copyfile(leftover, o / TEACHER_FILE)
+    again = f"Soft targets from the teacher {teacher / 'member-0'}"
+    shutil.copyfile(cut / TEACHER_FILE, o / TEACHER_FILE)  # left over from another start
+    train(other, o, mnist, CPU, progress=False, log=said.append)  # a fresh run
+    assert again in said
+    for kept in ((cut / TEACHER_FILE).read_bytes(), b"not safetensors"):  # another's, damaged
+        (o / TEACHER_FILE).write_bytes(kept)
         said.clear()
-        train(other, o, mnist, CPU, resume=(o / "checkpoint.safetensors").is_file(),
-              progress=False, log=said.append)
-        assert labelled_again in said
+        train(other, o, mnist, CPU, resume=True, progress=False, log=said.append)
+        assert again in said
     assert torch.equal(kept_teacher_probabilities(o, other),
                        teacher_probabilities(teacher / "member-0", mnist.train_images[:1500], CPU))
 
