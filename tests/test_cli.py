@@ -69,6 +69,10 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["train", "--epochs", "2", "--clean-epochs", "3"], "is more than the 2 epochs"),
         (["ensemble", "--teacher", "/nonexistent/run"], "not a finished run or ensemble folder"),
         (["train", "--teacher-weight", "0.3"], "apply with --teacher only"),
+        (["train", "--train-subset", "100000"], "is more than the 55,000 training images"),
+        (["train", "--resume", "run", "--epochs", "3", "--out", "x"],
+         "leave out --epochs, --out"),
+        (["bench", "--quick", "--json", "."], "is a folder: give a file name"),
     ],
 )
 def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):
@@ -156,7 +160,9 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
 
 
 @pytest.mark.parametrize("bad", [["--dropout", "0.3"], ["--dropout", "1.5,0.3"], ["--epochs", "0"],
-                                 ["--max-thickness", "1.5"]])
+                                 ["--max-thickness", "1.5"], ["--label-smoothing", "1.5"],
+                                 ["--seed", "-1"], ["--seed", "20241129123456"],
+                                 ["--width", "1000"]])
 def test_bad_flags_are_rejected_by_the_parser(bad, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", *bad])
@@ -224,3 +230,89 @@ def test_recipe_flags_reach_the_config(tmp_path):
     (run / "model.safetensors").unlink()
     with pytest.raises(UserError, match="not a finished run or ensemble folder"):
         _config_from_args(args)
+
+
+def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, capsys):
+    from mnist_cnn.predict import DEFAULT_MODEL
+
+    data = ["--data-dir", str(data_dir)]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    run = tmp_path / "run"  # a single run's folder (its config.json is enough to tell)
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / "ensemble.json").write_text(json.dumps({"members": ["member-0", "member-1"]}))
+    for argv, message in (
+        (["evaluate", str(DEFAULT_MODEL), "--out", str(tmp_path / "ev"), "--data-dir",
+          str(a_file)], "is a file, not a folder"),
+        (["ensemble", "--out", str(run)], "holds a single run, not an ensemble"),
+        (["train", "--out", str(ens)], "is an ensemble folder"),
+        (["evaluate", str(ens), *data], "member-0, member-1 not finished (or missing)"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    for text in ('{"members":', "[]", '{"members": []}'):
+        (ens / "ensemble.json").write_text(text)
+        assert main(["evaluate", str(ens), *data]) == 2
+        err = capsys.readouterr().err
+        assert "cannot be read as an ensemble's ensemble.json" in err and "Traceback" not in err
+
+
+def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_dir, capsys,
+                                                               monkeypatch):
+    from mnist_cnn import evaluate, train
+    from mnist_cnn.train import Interrupted
+
+    args = ["--epochs", "1", "--train-subset", "500", "--data-dir", str(data_dir)]
+
+    def ctrl_c_at_once(cfg, run_dir, *a, **k):
+        raise Interrupted(run_dir, 0)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "train", ctrl_c_at_once)
+        assert main(["train", *args, "--out", str(tmp_path / "a")]) == 130
+    assert "nothing was saved; run the same command again" in capsys.readouterr().err
+
+    run = tmp_path / "b"
+    real_report = evaluate.write_report
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "write_report", ctrl_c)
+        assert main(["train", *args, "--out", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert f"every epoch is saved in {run}" in err and f"--resume {run}" in err
+    assert evaluate.write_report is real_report
+    assert main(["train", "--resume", str(run), "--data-dir", str(data_dir)]) == 0
+    assert (run / "report.json").is_file()
+
+
+def test_weights_are_written_with_the_usual_permissions_and_a_failed_write_is_an_oserror(
+    tmp_path, capsys, monkeypatch
+):
+    import os
+    import stat
+
+    from safetensors import SafetensorError
+
+    from mnist_cnn import train
+
+    old = os.umask(0o022)
+    try:
+        train._atomic_save({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644
+
+    def disk_full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(train, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        train._atomic_save({"w": torch.zeros(2)}, tmp_path / "x.safetensors")
+    assert not list(tmp_path.glob("x.*"))

@@ -73,9 +73,13 @@ def test_checksum_mismatch(tmp_path, images):
 
 def test_corrupt_gzip(tmp_path, images):
     path = tmp_path / "x.gz"
-    path.write_bytes(gzip.compress(idx_bytes(images))[:-20])
-    with pytest.raises(DataError, match="corrupt or truncated gzip"):
-        read_idx_file(path)
+    compressed = gzip.compress(idx_bytes(images // 32))  # compressible, as real digits are
+    flipped = bytearray(compressed)
+    flipped[20] ^= 0xFF  # inside the deflate stream: zlib itself fails, not the gzip wrapper
+    for damaged in (compressed[:-20], bytes(flipped)):
+        path.write_bytes(damaged)
+        with pytest.raises(DataError, match="corrupt or truncated gzip"):
+            read_idx_file(path)
 
 
 def test_missing_file_without_download(tmp_path):
@@ -107,6 +111,10 @@ def test_download_failure_says_where_to_put_files(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="(?s)could not download .*\nPut the four MNIST files"):
         load_arrays(tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
+    # A folder made for the download (a mistyped --data-dir, say) is not left behind either.
+    with pytest.raises(DataError, match="could not download"):
+        load_arrays(tmp_path / "mnsit", progress=False)
+    assert not (tmp_path / "mnsit").exists()
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch):

@@ -1,14 +1,20 @@
 import io
 import json
+import os
+import sys
+import threading
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from mnist_cnn import predict as predict_module
 from mnist_cnn import preprocess as pp
 from mnist_cnn.cli import main
 from mnist_cnn.photos import make_photo
-from mnist_cnn.predict import DEFAULT_MODEL, Classifier
+from mnist_cnn.predict import DEFAULT_MODEL, Classifier, predict_files
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +26,19 @@ def png(array: np.ndarray, mode: str | None = None, fmt: str = "PNG", **kw) -> b
     out = io.BytesIO()
     Image.fromarray(array, mode).save(out, format=fmt, **kw)
     return out.getvalue()
+
+
+def lab_tiff() -> bytes:
+    out = io.BytesIO()
+    Image.new("LAB", (40, 40)).save(out, format="TIFF")  # Pillow reads LAB but cannot convert it
+    return out.getvalue()
+
+
+def bar() -> bytes:
+    """A dark bar on white paper: a 1."""
+    canvas = np.full((60, 60), 255, np.uint8)
+    canvas[10:50, 28:32] = 0
+    return png(canvas)
 
 
 def test_shipped_model_reaches_its_reported_accuracy(mnist, classifier):
@@ -89,6 +108,7 @@ def test_synthetic_user_images_are_classified(variant, mnist, classifier):
         (png(np.full((50, 50), 255, np.uint8)), "no ink"),
         (png(np.full((50, 50), 0, np.uint8)), "no ink"),
         (png(np.zeros((64, 64), np.uint8))[:60], "corrupt or truncated"),
+        (lab_tiff(), "unsupported colour mode LAB"),
     ],
 )
 def test_bad_images_get_clear_errors(data, message):
@@ -135,3 +155,111 @@ def test_predict_cli(tmp_path, mnist, capsys):
 def test_classifier_runs_on_cpu_tensors_of_any_batch(classifier):
     probs = classifier.probabilities(np.zeros((1, 28, 28), np.uint8))
     assert probs.shape == (1, 10) and np.isclose(probs.sum(), 1, atol=1e-4)
+
+
+def test_saved_images_of_files_with_the_same_stem_all_kept(tmp_path, mnist):
+    for folder in "ab":
+        (tmp_path / folder).mkdir()
+    files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "b" / "x.jpg"]
+    for i, path in enumerate(files):  # test images 0, 1, 2: a 7, a 2, a 1
+        path.write_bytes(png(255 - mnist.test_images[i].numpy(), fmt=path.suffix[1:].upper()
+                             .replace("JPG", "JPEG")))
+    out_dir = tmp_path / "seen"
+    assert main(["predict", *map(str, files), "--save-preprocessed", str(out_dir)]) == 0
+    saved = ["x.png", "x-2.png", "x-3.png"]  # in the order of the files
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(saved)
+    for path, name in zip(files, saved, strict=True):
+        expected = pp.preprocess(path.read_bytes())
+        assert np.array_equal(np.asarray(Image.open(out_dir / name)), expected), name
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes and /dev/zero")
+def test_only_regular_files_are_read(tmp_path, capsys):
+    (tmp_path / "one.png").write_bytes(bar())
+    (tmp_path / "link.png").symlink_to(tmp_path / "one.png")  # followed: a regular file
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer forever
+    (tmp_path / "folder").mkdir()
+    files = [str(tmp_path / n) for n in ("pipe.png", "folder", "link.png")] + ["/dev/zero"]
+    # In a thread, so that a regression fails here instead of hanging the test run.
+    done = []
+    worker = threading.Thread(target=lambda: done.append(main(["predict", "--json", *files])),
+                              daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done == [1]
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == files
+    assert "not a regular file" in lines[0]["error"] and "folder" in lines[1]["error"]
+    assert lines[2]["prediction"] == 1 and "not a regular file" in lines[3]["error"]
+
+
+def test_oversized_file_is_refused_without_reading_it(tmp_path, monkeypatch, classifier):
+    monkeypatch.setattr(pp, "MAX_BYTES", 100_000)
+    big = tmp_path / "big.png"
+    big.write_bytes(bar() + b"\0" * 5_000_000)
+    tracemalloc.start()
+    try:
+        [result] = predict_files(classifier, [str(big)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "too large" in result.error and "5,00" in result.error
+    assert peak < 1_000_000  # reading the file would take 5 MB
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="needs Linux /proc")
+def test_read_stops_after_the_limit_when_the_size_is_misreported(monkeypatch):
+    # /proc files report size 0 whatever they hold: only the bounded read catches them.
+    monkeypatch.setattr(pp, "MAX_BYTES", 10)
+    with pytest.raises(pp.ImageError, match="over the limit of 10 bytes"):
+        pp.read_file("/proc/self/status")
+
+
+def test_results_are_printed_as_they_come_and_kept_on_ctrl_c(tmp_path, monkeypatch, capsys):
+    files = [str(tmp_path / f"{i}.png") for i in range(3)]
+    for f in files:
+        Path(f).write_bytes(bar())
+    calls = []
+
+    def preprocess_then_ctrl_c(data, max_side=None):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C while the second file is being decoded
+            raise KeyboardInterrupt
+        return pp.preprocess(data, max_side)
+
+    monkeypatch.setattr(predict_module, "preprocess", preprocess_then_ctrl_c)
+    assert main(["predict", *files]) == 130
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith(f"{files[0]}: 1   (1 ") and len(out.splitlines()) == 1
+    assert "Interrupted." in err
+
+
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="names must be UTF-8 there")
+def test_names_that_are_not_utf8_are_printed_escaped(tmp_path, capsys):
+    # pytest's captured stdout is strict UTF-8, like PYTHONIOENCODING=utf-8:strict.
+    path = tmp_path / os.fsdecode(b"bad_\xff.png")  # argv gives such a name with surrogates
+    path.write_bytes(bar())
+    shown = str(tmp_path / "bad_\\xff.png")
+    assert main(["predict", str(path), str(tmp_path / "other.png")]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{shown}: 1 ") and "other.png: error" in err
+    assert main(["predict", "--json", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["file"] == shown
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_an_ensemble_folder_as_checkpoint_names_a_member(tmp_path, capsys, command):
+    (tmp_path / "ensemble.json").write_text(json.dumps({"members": ["member-0"], "tta": False}))
+    args = [command, "--checkpoint", str(tmp_path)] + (["x.png"] if command == "predict" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is an ensemble folder" in err and str(tmp_path / "member-0") in err
+    assert "config.json" not in err
+
+
+def test_serve_help_says_the_checkpoint_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
+    assert "RUN_DIR a run folder to use (default: the model shipped with the package) --" in text
+    assert "None" not in text

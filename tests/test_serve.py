@@ -58,6 +58,10 @@ def test_predict_good_image(client, seven):
         ({"picture": ("x.png", b"abc", "image/png")}, 422, ""),
         ({"image": ("x.png", png(np.zeros((4100, 10), np.uint8)), "image/png")}, 400,
          "limit is 4096"),
+        # A LAB TIFF: Pillow decodes it but cannot convert it to grayscale.
+        ({"image": ("x.tif", (lambda out: Image.new("LAB", (40, 40)).save(out, "TIFF")
+                              or out.getvalue())(io.BytesIO()), "image/tiff")}, 400,
+         "unsupported colour mode LAB"),
     ],
 )
 def test_bad_input_gets_a_4xx_json_error(client, files, status, message):

@@ -74,7 +74,7 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--model", choices=list(MODELS),
                    help=f"architecture: reference (the reference table) or strong (batch norm, "
                         f"more and smaller convolutions) (default: {d.model})")
-    t.add_argument("--width", type=_positive(float), metavar="W",
+    t.add_argument("--width", type=_bounded(float, 0, inclusive=False, high=8), metavar="W",
                    help="strong model only: multiply its channels by W (1.5: 48/96/192 "
                         f"channels, about 2.2x the arithmetic) (default: {d.width:g})")
     # Recipe flags default to None: unset ones take the value of the recipe (defaults or --fast).
@@ -91,7 +91,8 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                    help="weight decay: with adam decoupled (AdamW), each step multiplies the "
                         "weights by 1 - lr × WD; with sgd an L2 term WD × w in the gradient "
                         f"(default: {d.weight_decay:g}, off)")
-    t.add_argument("--seed", type=int,
+    # Each epoch's seed is derived from it in 64-bit arithmetic (train.epoch_seed): bounded.
+    t.add_argument("--seed", type=_bounded(int, 0, inclusive=True, high=2**32 - 1),
                    help=f"seed for initialization, data order, rotations and dropout "
                         f"(default: {d.seed})")
     _add_common(t)
@@ -133,7 +134,8 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--select", choices=["last", "best"],
                    help="which epoch's weights the run keeps: the last, or the best by "
                         f"validation accuracy (default: {d.select})")
-    t.add_argument("--label-smoothing", type=_nonnegative, metavar="EPS",
+    t.add_argument("--label-smoothing", type=_bounded(float, 0, inclusive=True, high=0.99),
+                   metavar="EPS",
                    help=f"label smoothing of the loss (default: {d.label_smoothing})")
     t.add_argument("--teacher", metavar="DIR",
                    help="distill: also fit the softened outputs of this finished run or "
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure training and inference speed against a PyTorch baseline",
         description="Measure, in one run on this machine: training throughput, one epoch's time, "
         "inference throughput at batch 1000, single-image latency, the matmul rate and the "
-        "model's FLOPs, and time to 99.0%%/99.5%% test accuracy; the same for a tutorial-style "
+        "model's FLOPs, and time to 99.0%/99.5% test accuracy; the same for a tutorial-style "
         "eager fp32 DataLoader baseline. Prints a table; --json writes the numbers.",
     )
     b.add_argument("--json", metavar="FILE", type=Path, help="write the results as JSON")
@@ -244,8 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address to listen on (loopback: only this machine can connect)")
     sv.add_argument("--port", type=_bounded(int, 0, inclusive=False, high=65535), default=8000,
                     help="port to listen on")
+    # '%(default).0s' prints nothing; its presence stops ArgumentDefaultsHelpFormatter from
+    # adding '(default: None)' after the default said in words.
     sv.add_argument("--checkpoint", metavar="RUN_DIR", type=Path,
-                    help="a run folder to use (default: the model shipped with the package)")
+                    help="a run folder to use (default: the model shipped with the package)"
+                         "%(default).0s")
     sv.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                     help="where to compute")
     return parser
@@ -274,18 +279,25 @@ def _new_run_dir() -> Path:
     return path
 
 
+# The recipe flags whose value replaces the recipe's (defaults, or --fast); unset ones are None.
+RECIPE_VALUES = ("model", "width", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
+                 "seed", "max_rotation", "max_shift", "max_scale", "max_shear", "elastic",
+                 "elastic_sigma", "max_thickness", "clean_epochs", "padding", "ema",
+                 "label_smoothing", "select", "precision", "train_subset", "teacher",
+                 "teacher_weight", "teacher_temperature", "dropout")
+
+
+def _recipe_flags_given(args: argparse.Namespace) -> list[str]:
+    """The recipe flags on the command line, as typed."""
+    given = [n for n in RECIPE_VALUES if getattr(args, n) is not None]
+    given += [n for n in ("fast", "no_augment") if getattr(args, n)]
+    return [f"--{n.replace('_', '-')}" for n in given]
+
+
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The recipe (defaults, or --fast) with every flag the user gave applied on top."""
     base = FAST if args.fast else DEFAULTS
-    given = {
-        name: getattr(args, name)
-        for name in ("model", "width", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
-                     "seed", "max_rotation", "max_shift", "max_scale", "max_shear", "elastic",
-                     "elastic_sigma", "max_thickness", "clean_epochs", "padding", "ema",
-                     "label_smoothing", "select", "precision", "train_subset", "teacher",
-                     "teacher_weight", "teacher_temperature")
-        if getattr(args, name) is not None
-    }
+    given = {name: getattr(args, name) for name in RECIPE_VALUES if getattr(args, name) is not None}
     if args.dropout is not None:
         given["dropout"] = tuple(args.dropout)
     if args.no_augment:
@@ -298,6 +310,11 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg = dataclasses.replace(cfg, teacher=str(_check_teacher(cfg.teacher, "--teacher")))
     elif args.teacher_weight is not None or args.teacher_temperature is not None:
         raise UserError("--teacher-weight and --teacher-temperature apply with --teacher only")
+    from mnist_cnn.data import VAL_SIZE
+
+    if cfg.train_subset is not None and cfg.train_subset > 60_000 - VAL_SIZE:
+        raise UserError(f"--train-subset {cfg.train_subset} is more than the "
+                        f"{60_000 - VAL_SIZE:,} training images")
     if cfg.clean_epochs is not None and cfg.clean_epochs > cfg.epochs:
         raise UserError(f"--clean-epochs {cfg.clean_epochs} is more than the {cfg.epochs} epochs")
     return cfg
@@ -348,6 +365,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(device_name)
     say = print if dist.main else (lambda *a, **k: None)
     if args.resume:
+        ignored = _recipe_flags_given(args) + (["--out"] if args.out else [])
+        if ignored:
+            raise UserError(f"--resume continues a run with the settings in its config.json; "
+                            f"leave out {', '.join(ignored)} (or start a new run with --out)")
         run_dir = args.resume
         for name in ("checkpoint.safetensors", "config.json"):
             if not (run_dir / name).is_file():
@@ -375,6 +396,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             tdist.broadcast_object_list(shared, src=0)
             run_dir = shared[0]
         _check_out(run_dir, "--out")
+        if (run_dir / "ensemble.json").is_file():
+            raise UserError(f"--out {run_dir} is an ensemble folder: choose another --out")
         if (run_dir / "checkpoint.safetensors").exists():
             raise UserError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
@@ -392,6 +415,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = train(cfg, run_dir, data, device, resume=bool(args.resume),
                         progress=sys.stderr.isatty(), log=lambda s: say(s, flush=True), dist=dist)
     except Interrupted as stop:
+        if not (stop.run_dir / "checkpoint.safetensors").is_file():
+            say("\nInterrupted before the first epoch ended: nothing was saved; run the same "
+                "command again to start over.", file=sys.stderr)
+            return 130
         say(
             f"\nInterrupted: {stop.epochs_done} finished epoch(s) are saved in {stop.run_dir}.\n"
             f"Continue with: mnist-cnn train --resume {stop.run_dir}",
@@ -399,8 +426,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return 130
     if dist.main:
-        _, model = load_run(run_dir, device)
-        report = write_report(run_dir, run_dir, model, cfg, data, device, history)
+        try:
+            _, model = load_run(run_dir, device)
+            report = write_report(run_dir, run_dir, model, cfg, data, device, history)
+        except KeyboardInterrupt:
+            say(f"\nInterrupted while writing the report: every epoch is saved in {run_dir}.\n"
+                f"Finish it with: mnist-cnn train --resume {run_dir}", file=sys.stderr)
+            return 130
         _print_report(report, run_dir)
     _end_distributed(dist)
     return 0
@@ -416,8 +448,9 @@ def _end_distributed(dist) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mnist_cnn.ensemble import is_ensemble, write_ensemble_report
+    from mnist_cnn.ensemble import is_ensemble, member_dirs, write_ensemble_report
     from mnist_cnn.evaluate import load_run, write_report
+    from mnist_cnn.train import run_finished
 
     device = _device(args.device)
     out = args.out or args.run_dir
@@ -426,6 +459,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif os.path.isdir(args.run_dir):  # else load_run says it is not a run folder
         _check_out(args.run_dir, "RUN_DIR", hint=" (give --out to write elsewhere)")
     if is_ensemble(args.run_dir):
+        unfinished = [r.name for r in member_dirs(args.run_dir) if not run_finished(r)]
+        if unfinished:
+            raise UserError(
+                f"{args.run_dir}: {', '.join(unfinished)} not finished (or missing): run the "
+                "mnist-cnn ensemble command that made it again, and it continues")
         tta = None if args.tta is None else args.tta == "on"
         report = write_ensemble_report(args.run_dir, out, _load_data(args), device, tta)
         _print_report(report, out)
@@ -442,13 +480,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from mnist_cnn.ensemble import RecipeMismatch, train_members, write_ensemble_report
+    from mnist_cnn.ensemble import (
+        RecipeMismatch,
+        is_ensemble,
+        train_members,
+        write_ensemble_report,
+    )
     from mnist_cnn.train import Interrupted
 
     device = _device(args.device)
     cfg = _config_from_args(args)
     folder = args.out or _new_run_dir()
     _check_out(folder, "--out")
+    if (folder / "config.json").is_file() and not is_ensemble(folder):
+        raise UserError(f"--out {folder} holds a single run, not an ensemble: choose another --out")
     data = _load_data(args)
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"
           f"{cfg.seed + args.models - 1} → {folder}", file=sys.stderr)
@@ -471,30 +516,42 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from mnist_cnn.predict import predict_files
+    from mnist_cnn.predict import predict_files, unique_png_name
 
     if args.save_preprocessed:
         _check_out(args.save_preprocessed, "--save-preprocessed")
-    results = predict_files(_classifier(args), args.images)
+    classifier = _classifier(args)
     if args.save_preprocessed:
         args.save_preprocessed.mkdir(parents=True, exist_ok=True)
-    for r in results:
+    saved: set[str] = set()
+    failed = False
+    # Each file's result is printed (and flushed) as soon as it is ready: no wait for the others,
+    # and on Ctrl-C main's 'Interrupted.' leaves those printed so far on screen.
+    for r in predict_files(classifier, args.images):
+        failed = failed or r.error is not None
         if args.json:
             print(json.dumps(r.to_json()), flush=True)
         elif r.error:
-            print(f"{r.name}: error: {r.error}", file=sys.stderr)
+            print(f"{r.shown_name}: error: {r.error}", file=sys.stderr, flush=True)
         else:
             top = sorted(range(10), key=lambda k: -r.probabilities[k])[:3]
             ranked = "  ".join(f"{k} {100 * r.probabilities[k]:5.1f}%" for k in top)
-            print(f"{r.name}: {r.label}   ({ranked})")
+            print(f"{r.shown_name}: {r.label}   ({ranked})", flush=True)
         if args.save_preprocessed and r.image is not None:
-            Image.fromarray(r.image).save(args.save_preprocessed / f"{Path(r.name).stem}.png")
-    return 1 if any(r.error for r in results) else 0
+            Image.fromarray(r.image).save(args.save_preprocessed / unique_png_name(r.name, saved))
+    return 1 if failed else 0
 
 
 def _classifier(args: argparse.Namespace):
+    from mnist_cnn.ensemble import is_ensemble, member_dirs
     from mnist_cnn.predict import Classifier
 
+    # predict and serve use one model; without this, an ensemble folder got 'config.json is
+    # missing', which hides that each member folder would do.
+    if args.checkpoint and is_ensemble(args.checkpoint):
+        raise UserError(f"{args.checkpoint} is an ensemble folder (made by `mnist-cnn "
+                        "ensemble`); give one of its members instead, e.g. --checkpoint "
+                        f"{member_dirs(args.checkpoint)[0]}")
     try:
         return Classifier.load(args.checkpoint, _device(args.device))
     except FileNotFoundError as e:
@@ -519,6 +576,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mnist_cnn.bench import main as bench_main
 
     device = _device(args.device)
+    if args.json:  # checked now, not after minutes of benchmarking
+        if args.json.is_dir():
+            raise UserError(f"--json {args.json} is a folder: give a file name")
+        _check_out(args.json.parent, "--json")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     bench_main(_load_data(args), device, args.quick, args.json)
     return 0
 
@@ -548,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataError, CorruptFile) as e:
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the system refused (a full disk, a permission): its words, one line
+        print(f"mnist-cnn: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130

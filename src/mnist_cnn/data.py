@@ -13,6 +13,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def read_idx_file(
     if data[:2] == b"\x1f\x8b":  # gzip magic
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from None
     array = parse_idx(data, str(path))
     if shape is not None and array.shape != shape:
@@ -156,6 +157,7 @@ def _download(name: str, data_dir: Path, progress: bool = True) -> Path:
     from tqdm import tqdm
 
     sha256, shape = FILES[name]
+    created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / f"{name}.gz"
     errors = []
@@ -180,6 +182,8 @@ def _download(name: str, data_dir: Path, progress: bool = True) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    if created and not any(data_dir.iterdir()):
+        data_dir.rmdir()  # made for this download (perhaps a mistyped --data-dir): not left behind
     raise DataError(
         f"could not download {name}.gz from any mirror:\n  " + "\n  ".join(errors) + "\n"
         f"Put the four MNIST files ({', '.join(f'{n}.gz' for n in FILES)}) in {data_dir} "
@@ -192,6 +196,9 @@ def load_arrays(
 ) -> dict[str, np.ndarray]:
     """Find (downloading if missing and allowed), verify and parse the four files."""
     folder = resolve_data_dir(data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a folder: point --data-dir / MNIST_DATA_DIR at "
+                        "the folder that holds the MNIST files")
     arrays = {}
     for name, (sha256, shape) in FILES.items():
         path = _find(folder, name)

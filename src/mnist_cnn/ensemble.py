@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mnist_cnn.augment import transform
-from mnist_cnn.config import TrainConfig, write_json
+from mnist_cnn.config import TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.evaluate import load_run, read_history, save_report, write_report
 from mnist_cnn.train import (
@@ -40,7 +40,13 @@ def is_ensemble(folder: Path) -> bool:
 
 
 def member_dirs(folder: Path) -> list[Path]:
-    names = json.loads((Path(folder) / "ensemble.json").read_text())["members"]
+    path = Path(folder) / "ensemble.json"
+    try:
+        names = json.loads(path.read_text())["members"]
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ValueError("no list of member folders")
+    except (ValueError, TypeError, KeyError) as e:
+        raise corrupt(path, "an ensemble's ensemble.json", e) from None
     return [Path(folder) / name for name in names]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from mnist_cnn.evaluate import load_run
-from mnist_cnn.preprocess import ImageError, preprocess
+from mnist_cnn.preprocess import ImageError, preprocess, read_file
 from mnist_cnn.train import predict_proba, resolve_precision
 
 # The default model, trained by `mnist-cnn train` with the documented defaults and shipped in the
@@ -37,9 +38,18 @@ class Classifier:
         return predict_proba(self.model, tensor, self.device, self.amp).numpy()
 
 
+def printable(name: str) -> str:
+    """A file name safe to print on any UTF-8 output: bytes that are not UTF-8 (which argv hands
+    over as surrogate escapes, and a strict encoder refuses) become backslash escapes, bad_\\xff."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates that stand for no byte (Windows names)
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class Prediction:
-    name: str
+    name: str  # the path as given, to open or save by; print `shown_name`
     image: np.ndarray | None = None  # the 28×28 image the model saw
     probabilities: list[float] | None = None
     error: str | None = None
@@ -48,26 +58,45 @@ class Prediction:
     def label(self) -> int:
         return int(np.argmax(self.probabilities))
 
+    @property
+    def shown_name(self) -> str:
+        return printable(self.name)
+
     def to_json(self) -> dict:
         if self.error:
-            return {"file": self.name, "error": self.error}
-        return {"file": self.name, "prediction": self.label,
+            return {"file": self.shown_name, "error": self.error}
+        return {"file": self.shown_name, "prediction": self.label,
                 "probabilities": [round(p, 6) for p in self.probabilities]}
 
 
-def predict_files(classifier: Classifier, paths: list[str]) -> list[Prediction]:
-    """Preprocess every file (a bad one gets an error, the others go on) and classify in a batch."""
-    results = []
+def predict_file(classifier: Classifier, path: str) -> Prediction:
+    """Classify one file; a file that cannot be read or classified gets an error, not an
+    exception."""
+    try:
+        image = preprocess(read_file(path))
+    except ImageError as e:
+        return Prediction(path, error=str(e))
+    except OSError as e:
+        return Prediction(path, error=e.strerror or str(e))
+    probabilities = classifier.probabilities(image[None])[0]
+    return Prediction(path, image=image, probabilities=probabilities.tolist())
+
+
+def predict_files(classifier: Classifier, paths: Iterable[str]) -> Iterator[Prediction]:
+    """Each file's result in turn, as soon as it is ready, so that a caller can show it at once
+    (decoding a large photo takes far longer than the model's under 1 ms an image)."""
     for path in paths:
-        try:
-            results.append(Prediction(path, image=preprocess(Path(path).read_bytes())))
-        except ImageError as e:
-            results.append(Prediction(path, error=str(e)))
-        except OSError as e:
-            results.append(Prediction(path, error=e.strerror or str(e)))
-    good = [r for r in results if r.error is None]
-    if good:
-        probs = classifier.probabilities(np.stack([r.image for r in good]))
-        for r, p in zip(good, probs, strict=True):
-            r.probabilities = p.tolist()
-    return results
+        yield predict_file(classifier, path)
+
+
+def unique_png_name(path: str, taken: set[str]) -> str:
+    """The name to save the preprocessed `path` under: x.png for a/x.jpg, then x-2.png, x-3.png
+    for later files of the same stem, so that none overwrites another. `taken` holds the names
+    given so far, case-folded as some file systems ignore case, and gets the new one."""
+    stem = Path(path).stem
+    name, n = f"{stem}.png", 1
+    while name.casefold() in taken:
+        n += 1
+        name = f"{stem}-{n}.png"
+    taken.add(name.casefold())
+    return name

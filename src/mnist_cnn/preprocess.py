@@ -11,6 +11,8 @@ of that, so we redo the same steps (LeCun et al.'s recipe):
 from __future__ import annotations
 
 import io
+import os
+import stat
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,6 +24,28 @@ INK_THRESHOLD = 0.25  # after normalization: what counts as ink when cropping
 
 class ImageError(ValueError):
     """An input that cannot be classified; the message says why."""
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, with the byte limit applied while reading, not after.
+
+    Anything but a regular file (after following symlinks) is refused before it is opened: a
+    folder, a device such as /dev/zero (endless), a named pipe (opening one waits for a writer).
+    At most MAX_BYTES + 1 bytes are read, because the size the system reports can be wrong
+    (files under /proc report 0) or the file can grow while it is read.
+    """
+    info = os.stat(path)
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError("is a folder, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError("not a regular file (a device, named pipe or socket)")
+    if info.st_size > MAX_BYTES:
+        raise ImageError(f"file is too large ({info.st_size:,} bytes; limit {MAX_BYTES:,})")
+    with open(path, "rb") as f:
+        data = f.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise ImageError(f"file is too large (over the limit of {MAX_BYTES:,} bytes)")
+    return data
 
 
 def load_image(data: bytes, max_side: int | None = None) -> Image.Image:
@@ -56,7 +80,11 @@ def to_gray(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    try:
+        gray = image.convert("L")
+    except ValueError:  # Pillow decodes some modes it cannot convert (LAB: no route to RGB)
+        raise ImageError(f"unsupported colour mode {image.mode}") from None
+    return np.asarray(gray, dtype=np.float32) / 255.0
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:

@@ -292,7 +292,17 @@ def _load_state(module: nn.Module, tensors: dict, path: Path, what: str) -> None
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    save_file(tensors, str(tmp), metadata=meta)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+    except SafetensorError as e:  # a full disk, say: an OSError like any other failed write
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e}") from None
+    # safetensors creates its files readable by their owner only; give them the permissions
+    # of every other file written here (the umask's), so that e.g. a server run by another
+    # account can read the weights.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
