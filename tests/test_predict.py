@@ -235,7 +235,7 @@ def test_results_are_printed_as_they_come_and_kept_on_ctrl_c(tmp_path, monkeypat
 
 
 @pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="names must be UTF-8 there")
-def test_names_that_are_not_utf8_are_printed_escaped(tmp_path, capsys):
+def test_names_that_are_not_utf8_are_printed_escaped_and_kept_in_json(tmp_path, capsys):
     # pytest's captured stdout is strict UTF-8, like PYTHONIOENCODING=utf-8:strict.
     path = tmp_path / os.fsdecode(b"bad_\xff.png")  # argv gives such a name with surrogates
     path.write_bytes(bar())
@@ -243,8 +243,10 @@ def test_names_that_are_not_utf8_are_printed_escaped(tmp_path, capsys):
     assert main(["predict", str(path), str(tmp_path / "other.png")]) == 1
     out, err = capsys.readouterr()
     assert out.startswith(f"{shown}: 1 ") and "other.png: error" in err
+    # --json keeps the name as given (json.dumps escapes the byte as \udcff), so it can be
+    # turned back into the file's name.
     assert main(["predict", "--json", str(path)]) == 0
-    assert json.loads(capsys.readouterr().out)["file"] == shown
+    assert json.loads(capsys.readouterr().out)["file"] == str(path)
 
 
 @pytest.mark.parametrize("command", ["predict", "serve"])

@@ -105,11 +105,12 @@ def save_report(
     report = build_report(
         probs, data.test_labels, val_accuracy, histories[0], params, extra, select
     )
-    write_json(out_dir / "report.json", report)
     figures.write_all(
         out_dir, data.test_images, data.test_labels, probs, histories,
         report["confusion_matrix"], seed,
     )
+    # Last: a run with a report.json is finished (train.run_finished), figures included.
+    write_json(out_dir / "report.json", report)
     return report
 
 

@@ -63,9 +63,10 @@ class Prediction:
         return printable(self.name)
 
     def to_json(self) -> dict:
+        # json.dumps writes an undecodable byte as \udcXX: safe to print, and reversible.
         if self.error:
-            return {"file": self.shown_name, "error": self.error}
-        return {"file": self.shown_name, "prediction": self.label,
+            return {"file": self.name, "error": self.error}
+        return {"file": self.name, "prediction": self.label,
                 "probabilities": [round(p, 6) for p in self.probabilities]}
 
 

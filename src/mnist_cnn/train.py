@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
@@ -290,19 +290,17 @@ def _load_state(module: nn.Module, tensors: dict, path: Path, what: str) -> None
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Write safetensors to a temporary name, then rename: a reader never sees half a file.
+    Serialized in memory and written with open(), not safetensors' save_file, which makes its
+    files readable by their owner only (a server run by another account could not read the
+    weights); this way they get the umask's permissions, as every other file here."""
     tmp = path.with_name(path.name + ".tmp")
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    data = save(tensors, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
     try:
-        save_file(tensors, str(tmp), metadata=meta)
-    except SafetensorError as e:  # a full disk, say: an OSError like any other failed write
+        tmp.write_bytes(data)
+    except OSError as e:  # a full disk, say: one line naming the file
         tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {e}") from None
-    # safetensors creates its files readable by their owner only; give them the permissions
-    # of every other file written here (the umask's), so that e.g. a server run by another
-    # account can read the weights.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     os.replace(tmp, path)
 
 
