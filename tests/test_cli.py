@@ -274,7 +274,11 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
     with monkeypatch.context() as m:
         m.setattr(train, "train", ctrl_c_at_once)
         assert main(["train", *args, "--out", str(tmp_path / "a")]) == 130
-    assert "nothing was saved; run the same command again" in capsys.readouterr().err
+        assert "nothing was saved; run the same command again" in capsys.readouterr().err
+        assert not (tmp_path / "a").exists()  # the folder it made is not left behind
+        (tmp_path / "mine").mkdir()  # ... but one the user made is kept
+        assert main(["train", *args, "--out", str(tmp_path / "mine")]) == 130
+        assert (tmp_path / "mine").is_dir()
 
     run = tmp_path / "b"
 

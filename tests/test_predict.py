@@ -265,3 +265,17 @@ def test_serve_help_says_the_checkpoint_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
     assert "RUN_DIR a run folder to use (default: the model shipped with the package) --" in text
     assert "None" not in text
+
+
+def test_a_reader_that_leaves_early_ends_predict_quietly(tmp_path):
+    import subprocess
+
+    image = tmp_path / "bar.png"
+    image.write_bytes(bar())
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_cnn", "predict", *[str(image)] * 1000],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err
+    assert err.decode() == ""

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -403,6 +404,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "or choose another --out"
             )
+    new_folder = not args.resume and not run_dir.exists()
     data = _load_data(args, quiet=not dist.main)
     params = count_params(prepare_model(cfg, device))
     say(
@@ -416,6 +418,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         progress=sys.stderr.isatty(), log=lambda s: say(s, flush=True), dist=dist)
     except Interrupted as stop:
         if not (stop.run_dir / "checkpoint.safetensors").is_file():
+            if new_folder and dist.main:  # made by this run, and holds nothing worth keeping
+                shutil.rmtree(run_dir, ignore_errors=True)
             say("\nInterrupted before the first epoch ended: nothing was saved; run the same "
                 "command again to start over.", file=sys.stderr)
             return 130
@@ -610,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataError, CorruptFile) as e:
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`mnist-cnn predict *.png | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except OSError as e:  # the system refused (a full disk, a permission): its words, one line
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 1
