@@ -137,12 +137,21 @@ class TrainConfig:
             raise corrupt(path, "a run's config.json", e) from None
 
 
-def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically: a reader (or a crash) never sees half a file."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file atomically (a temporary name, then a rename): a reader, or a crash, never
+    sees half a file. A failed write (a full disk, say) leaves nothing and names the file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    try:
+        tmp.write_bytes(data)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     tmp.replace(path)
+
+
+def write_json(path: Path, obj: object) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # The recipe for time to 99% test accuracy (`mnist-cnn train --fast`): two epochs of a one-cycle

@@ -35,7 +35,7 @@ from mnist_cnn.augment import (
     thicken,
     transform,
 )
-from mnist_cnn.config import TrainConfig, corrupt
+from mnist_cnn.config import TrainConfig, corrupt, write_atomic
 from mnist_cnn.data import MNIST, normalize
 from mnist_cnn.model import build_model
 
@@ -290,18 +290,12 @@ def _load_state(module: nn.Module, tensors: dict, path: Path, what: str) -> None
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """Write safetensors to a temporary name, then rename: a reader never sees half a file.
-    Serialized in memory and written with open(), not safetensors' save_file, which makes its
-    files readable by their owner only (a server run by another account could not read the
-    weights); this way they get the umask's permissions, as every other file here."""
-    tmp = path.with_name(path.name + ".tmp")
-    data = save(tensors, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    try:
-        tmp.write_bytes(data)
-    except OSError as e:  # a full disk, say: one line naming the file
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
-    os.replace(tmp, path)
+    """Write safetensors atomically (config.write_atomic). Serialized in memory and written
+    with open(), not safetensors' save_file, which makes its files readable by their owner only
+    (a server run by another account could not read the weights); this way they get the
+    umask's permissions, as every other file here."""
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    write_atomic(path, save(tensors, metadata=meta))
 
 
 def _save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
