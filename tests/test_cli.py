@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,15 @@ def test_resuming_a_student_whose_teacher_is_gone_is_a_clear_error(tmp_path, cap
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "not a finished run or ensemble folder" in err and "Traceback" not in err
+    # A kept copy of its probabilities that is not one row per training image (edited, or
+    # another subset's) cannot stand in for the teacher either: the same line, before any work.
+    from mnist_cnn.train import TEACHER_FILE, _atomic_save
+
+    _atomic_save({"probabilities": torch.full((10, 10), 0.1)}, run / TEACHER_FILE,
+                 {"teacher": str(tmp_path / "moved")})
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished run or ensemble folder" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -174,6 +184,21 @@ def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "mnist_cnn", "train", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--max-rotation" in out and "--resume" in out
+
+
+def test_the_command_line_is_read_without_importing_torch():
+    # torch takes seconds to import: --help and a mistyped flag answer without it, and a Ctrl-C
+    # while it loads happens inside main(), which reports it in one line.
+    from mnist_cnn.config import MODEL_NAMES
+    from mnist_cnn.model import MODELS
+
+    assert tuple(MODELS) == MODEL_NAMES
+    code = ("import sys\nfrom mnist_cnn.cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['train', '--epochs', '0']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("False"), out.stdout
 
 
 def test_torchrun_two_cpu_processes(tmp_path, data_dir):
@@ -254,6 +279,11 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
+    # Stopped after its first member: the message also says how to use that one alone.
+    shutil.copytree(DEFAULT_MODEL, ens / "member-0")
+    assert main(["evaluate", str(ens), *data]) == 2
+    err = capsys.readouterr().err
+    assert "member-1 not finished" in err and "with --models 1" in err, err
     for text in ('{"members":', "[]", '{"members": []}'):
         (ens / "ensemble.json").write_text(text)
         assert main(["evaluate", str(ens), *data]) == 2

@@ -239,7 +239,12 @@ def test_the_teacher_probabilities_are_kept_and_labelled_once(
     from mnist_cnn import ensemble
     from mnist_cnn.cli import main
     from mnist_cnn.ensemble import ensemble_probas, train_members
-    from mnist_cnn.train import TEACHER_FILE, kept_teacher_probabilities, teacher_probabilities
+    from mnist_cnn.train import (
+        TEACHER_FILE,
+        _atomic_save,
+        kept_teacher_probabilities,
+        teacher_probabilities,
+    )
 
     quiet = dict(progress=False, log=lambda s: None)
     one = dataclasses.replace(TINY, epochs=1)
@@ -278,7 +283,10 @@ def test_the_teacher_probabilities_are_kept_and_labelled_once(
     shutil.copyfile(cut / TEACHER_FILE, o / TEACHER_FILE)  # left over from another start
     train(other, o, mnist, CPU, progress=False, log=said.append)  # a fresh run
     assert again in said
-    for kept in ((cut / TEACHER_FILE).read_bytes(), b"not safetensors"):  # another's, damaged
+    short = tmp_path / "short.safetensors"  # its own teacher's, but not one row per image
+    _atomic_save({"probabilities": torch.full((10, 10), 0.1)}, short, {"teacher": other.teacher})
+    for kept in ((cut / TEACHER_FILE).read_bytes(), b"not safetensors",  # another's, damaged
+                 short.read_bytes()):
         (o / TEACHER_FILE).write_bytes(kept)
         said.clear()
         train(other, o, mnist, CPU, resume=True, progress=False, log=said.append)
@@ -295,6 +303,13 @@ def test_the_teacher_probabilities_are_kept_and_labelled_once(
     assert len(calls) == 1
     assert torch.equal(kept_teacher_probabilities(ens / "member-0", two),
                        kept_teacher_probabilities(ens / "member-1", two))
+    # ... and not at all when the only member left resumes from the copy it kept.
+    part = tmp_path / "part"
+    with pytest.raises(Interrupted):
+        train_members(two, part, 1, mnist, CPU, progress=False, log=ctrl_c_after_first_epoch)
+    calls.clear()
+    train_members(two, part, 1, mnist, CPU, **quiet)
+    assert calls == [] and run_finished(part / "member-0")
 
 
 def test_clean_epochs_turn_augmentation_off_at_the_end(mnist, tmp_path):

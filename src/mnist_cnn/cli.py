@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 from mnist_cnn import __version__
-from mnist_cnn.config import FAST, TrainConfig
-from mnist_cnn.model import MODELS
+from mnist_cnn.config import FAST, MODEL_NAMES, CorruptFile, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -72,7 +71,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_recipe(t: argparse.ArgumentParser) -> None:
     """The training-recipe flags shared by train and ensemble."""
     d = DEFAULTS
-    t.add_argument("--model", choices=list(MODELS),
+    t.add_argument("--model", choices=MODEL_NAMES,
                    help=f"architecture: reference (the reference table) or strong (batch norm, "
                         f"more and smaller convolutions) (default: {d.model})")
     t.add_argument("--width", type=_bounded(float, 0, inclusive=False, high=8), metavar="W",
@@ -463,11 +462,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif os.path.isdir(args.run_dir):  # else load_run says it is not a run folder
         _check_out(args.run_dir, "RUN_DIR", hint=" (give --out to write elsewhere)")
     if is_ensemble(args.run_dir):
-        unfinished = [r.name for r in member_dirs(args.run_dir) if not run_finished(r)]
-        if unfinished:
+        members = member_dirs(args.run_dir)
+        done = [run_finished(r) for r in members]
+        if not all(done):
+            unfinished = [r.name for r, d in zip(members, done, strict=True) if not d]
+            first = done.index(False)  # members 0 .. first-1 are finished
+            smaller = (f"; or, to use its first {first} member(s) only, the same command with "
+                       f"--models {first}") if first else ""
             raise UserError(
                 f"{args.run_dir}: {', '.join(unfinished)} not finished (or missing): run the "
-                "mnist-cnn ensemble command that made it again, and it continues")
+                f"mnist-cnn ensemble command that made it again, and it continues{smaller}")
         tta = None if args.tta is None else args.tta == "on"
         report = write_ensemble_report(args.run_dir, out, _load_data(args), device, tta)
         _print_report(report, out)
@@ -604,13 +608,17 @@ def _print_report(report: dict, out: Path, wrote: bool = True) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mnist_cnn.config import CorruptFile
-    from mnist_cnn.data import DataError
-
     try:
+        # Here, not at the top: it imports torch (seconds), and a Ctrl-C meanwhile is reported
+        # like any other.
+        from mnist_cnn.data import DataError
+
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                     "serve": cmd_serve, "bench": cmd_bench, "ensemble": cmd_ensemble}
         return commands[args.command](args)
+    except KeyboardInterrupt:  # first: it may come before DataError is imported
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
     except (UserError, DataError, CorruptFile) as e:
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 2
@@ -620,6 +628,3 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the system refused (a full disk, a permission): its words, one line
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        return 130

@@ -21,6 +21,12 @@ def corrupt(path: Path, what: str, error: Exception) -> CorruptFile:
     return CorruptFile(f"{path} cannot be read as {what} ({detail})")
 
 
+# The architectures `--model` names (model.MODELS builds them), listed here, away from torch, so
+# the command line can offer them without importing it: `--help` answers at once, and a Ctrl-C
+# while torch loads is the command's to report.
+MODEL_NAMES = ("reference", "strong")
+
+
 @dataclass
 class TrainConfig:
     # Model: the reference table; padding and dropout are the two things its text leaves open.

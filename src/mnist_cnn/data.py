@@ -52,6 +52,7 @@ MIRRORS = (
 # which the reference project's 55,000 training images come from. It is fixed: it does not depend
 # on the seed, so every run and every ensemble member is validated on the same 5,000 images.
 VAL_SIZE = 5000
+TRAIN_SIZE = 60_000 - VAL_SIZE
 
 # Pixel statistics of the MNIST training set, used to normalize inputs.
 MEAN, STD = 0.1307, 0.3081

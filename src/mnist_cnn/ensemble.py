@@ -19,6 +19,7 @@ from mnist_cnn.config import TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.evaluate import load_run, read_history, save_report, write_report
 from mnist_cnn.train import (
+    kept_teacher_probabilities,
     predict_proba,
     resolve_precision,
     run_finished,
@@ -95,8 +96,11 @@ def train_members(
         # A member with a checkpoint resumes; its saved config is member_cfg (checked above).
         resume = (run / "checkpoint.safetensors").is_file()
         log(f"{name}: {'resuming' if resume else 'training'} (seed {member_cfg.seed})")
-        if cfg.teacher and teacher_probs is None:
-            # The members share the teacher and the images: it labels them once.
+        if cfg.teacher and teacher_probs is None and not (
+            resume and kept_teacher_probabilities(run, member_cfg) is not None
+        ):
+            # The members share the teacher and the images: it labels them once (and not at all
+            # for a member that resumes from the copy it kept).
             teacher_probs = teacher_probabilities(
                 cfg.teacher, training_images(cfg, data)[0], device)
         train(member_cfg, run, data, device, resume=resume, progress=progress, log=log,

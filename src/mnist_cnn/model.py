@@ -117,7 +117,7 @@ class StrongCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-MODELS = {"reference": ReferenceCNN, "strong": StrongCNN}
+MODELS = {"reference": ReferenceCNN, "strong": StrongCNN}  # keys: config.MODEL_NAMES, in order
 
 
 def count_params(model: nn.Module) -> int:

@@ -29,19 +29,26 @@ class ImageError(ValueError):
 def read_file(path: str | os.PathLike) -> bytes:
     """The bytes of an image file, with the byte limit applied while reading, not after.
 
-    Anything but a regular file (after following symlinks) is refused before it is opened: a
-    folder, a device such as /dev/zero (endless), a named pipe (opening one waits for a writer).
-    At most MAX_BYTES + 1 bytes are read, because the size the system reports can be wrong
-    (files under /proc report 0) or the file can grow while it is read.
+    Anything but a regular file (after following symlinks) is refused before a byte is read:
+    a folder, a device such as /dev/zero (endless), a named pipe. The checks are made on the
+    opened file itself, so the path cannot be swapped between them and the read; it is opened
+    without blocking, because opening a named pipe otherwise waits for a writer. At most
+    MAX_BYTES + 1 bytes are read, because the size the system reports can be wrong (files under
+    /proc report 0) or the file can grow while it is read.
     """
-    info = os.stat(path)
-    if stat.S_ISDIR(info.st_mode):
-        raise ImageError("is a folder, not an image file")
-    if not stat.S_ISREG(info.st_mode):
-        raise ImageError("not a regular file (a device, named pipe or socket)")
-    if info.st_size > MAX_BYTES:
-        raise ImageError(f"file is too large ({info.st_size:,} bytes; limit {MAX_BYTES:,})")
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError("is a folder, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("not a regular file (a device, named pipe or socket)")
+        if info.st_size > MAX_BYTES:
+            raise ImageError(f"file is too large ({info.st_size:,} bytes; limit {MAX_BYTES:,})")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:  # non-blocking changes nothing for a regular file
         data = f.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise ImageError(f"file is too large (over the limit of {MAX_BYTES:,} bytes)")

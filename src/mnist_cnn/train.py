@@ -36,7 +36,7 @@ from mnist_cnn.augment import (
     transform,
 )
 from mnist_cnn.config import TrainConfig, corrupt, write_atomic
-from mnist_cnn.data import MNIST, normalize
+from mnist_cnn.data import MNIST, TRAIN_SIZE, normalize
 from mnist_cnn.model import build_model
 
 
@@ -198,8 +198,9 @@ TEACHER_FILE = "teacher_targets.safetensors"
 def kept_teacher_probabilities(run_dir: Path, cfg: TrainConfig) -> torch.Tensor | None:
     """The teacher's probabilities a run keeps in its folder (TEACHER_FILE, 2.2 MB for 55,000
     images), written when it began: a resumed run reads them instead of asking the teacher
-    again, which may have moved since. None if absent, unreadable or another teacher's: they
-    are a copy, and the teacher, where it still is, labels the images again."""
+    again, which may have moved since. None if absent, unreadable, another teacher's or not one
+    row per training image: they are a copy, and the teacher, where it still is, labels the
+    images again."""
     try:
         with safe_open(str(run_dir / TEACHER_FILE), framework="pt") as f:
             if json.loads((f.metadata() or {}).get("teacher", "null")) != cfg.teacher:
@@ -207,7 +208,7 @@ def kept_teacher_probabilities(run_dir: Path, cfg: TrainConfig) -> torch.Tensor 
             p = f.get_tensor("probabilities").float()
     except (OSError, SafetensorError, ValueError):  # absent, or damaged
         return None
-    return p if p.ndim == 2 and p.shape[1] == 10 else None
+    return p if p.shape == (cfg.train_subset or TRAIN_SIZE, 10) else None
 
 
 def training_images(cfg: TrainConfig, data: MNIST) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +225,7 @@ def _soft_targets(
     A fresh run takes them from `teacher_probs` (an ensemble labels once for all its members)
     or from the teacher, and keeps them in its folder; a resumed run reads the kept copy."""
     p = kept_teacher_probabilities(run_dir, cfg) if resume else None
-    if p is not None and len(p) == len(images):
+    if p is not None:
         log(f"Soft targets from the teacher {cfg.teacher} (kept in {TEACHER_FILE})")
     else:
         log(f"Soft targets from the teacher {cfg.teacher}")
