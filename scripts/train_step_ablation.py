@@ -1,6 +1,8 @@
 """Speed of the reference model under each setting, one change at a time.
 
     python scripts/train_step_ablation.py            # training steps, then inference chunks
+    python scripts/train_step_ablation.py --fp32     # the same in fp32 only (CPUs without fast
+                                                     # bf16, where --precision auto picks fp32)
     python scripts/train_step_ablation.py --profile  # where a default training step's time goes
 
 Times the same step `mnist-cnn train` takes (slice a uint8 batch, rotate, normalize, forward,
@@ -79,6 +81,21 @@ CASES = [
     ("bf16 autocast, NCHW, fused", dict(channels_last=False)),
 ]
 
+# Where bf16 is slow (no AVX-512 BF16 or AMX), `--precision auto` trains in fp32: do the other
+# choices still pay there?
+CASES_FP32 = [
+    ("fp32, NCHW, foreach Adam, nn.Dropout (plain)",
+     dict(bf16=False, channels_last=False, fused=False, torch_dropout=True)),
+    ("+ channels-last", dict(bf16=False, fused=False, torch_dropout=True)),
+    ("+ fused Adam", dict(bf16=False, torch_dropout=True)),
+    ("+ rand-mask dropout (the fp32 default)", dict(bf16=False)),
+    ("fp32 default, batch 128", dict(bf16=False, batch=128, steps=80)),
+    ("fp32 default, batch 512", dict(bf16=False, batch=512, steps=20)),
+    ("fp32, NCHW, fused, rand-mask", dict(bf16=False, channels_last=False)),
+    # What --precision bf16 does on such a CPU (slow: a few steps, once).
+    ("bf16 autocast, else the default", dict(steps=5, repeats=1)),
+]
+
 def inference_rate(chunk: int, bf16: bool = True, repeats: int = 3):
     torch.manual_seed(0)
     model = ReferenceCNN().to(memory_format=torch.channels_last).eval()
@@ -104,10 +121,16 @@ if __name__ == "__main__":
     if "--profile" in sys.argv:
         step_rate(profile=True)
         raise SystemExit
+    fp32 = "--fp32" in sys.argv
     print("training step")
-    for name, kw in CASES:
+    for name, kw in CASES_FP32 if fp32 else CASES:
         show(name, *step_rate(**kw))
     print("inference, calls of 1,000 images")
-    show("fp32, one chunk of 1,000", *inference_rate(1000, bf16=False))
-    for chunk in (1000, 500, 256, 128):
-        show(f"bf16, chunks of {chunk}", *inference_rate(chunk))
+    if fp32:
+        for chunk in (1000, 500, 256, 128):
+            show(f"fp32, chunks of {chunk}", *inference_rate(chunk, bf16=False))
+        show("bf16, chunks of 256", *inference_rate(256, repeats=1))
+    else:
+        show("fp32, one chunk of 1,000", *inference_rate(1000, bf16=False))
+        for chunk in (1000, 500, 256, 128):
+            show(f"bf16, chunks of {chunk}", *inference_rate(chunk))

@@ -30,3 +30,7 @@ def test_quick_bench_writes_every_key(tmp_path, data_dir, capsys):
     assert results["train_flops_per_image"] == 3 * flops_per_image(ReferenceCNN())
     table = capsys.readouterr().out
     assert "baseline: train" in table and "median" in table
+    # Two matmul rates: the run's precision, then the other (fp32 was once shown twice).
+    matmuls = [line.split("  ")[0] for line in table.splitlines() if line.startswith("matmul 1024")]
+    assert len(matmuls) == 2 and len(set(matmuls)) == 2, matmuls
+    assert matmuls[0] == f"matmul 1024³, {results['precision']}"

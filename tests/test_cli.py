@@ -310,6 +310,34 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
         assert main(["train", *args, "--out", str(tmp_path / "mine")]) == 130
         assert (tmp_path / "mine").is_dir()
 
+    # Under torchrun the hint to continue is a torchrun command too.
+    from mnist_cnn.config import TrainConfig
+
+    launched = tmp_path / "launched"
+    launched.mkdir()
+    TrainConfig(epochs=2).save(launched / "config.json")
+    (launched / "checkpoint.safetensors").write_bytes(b"")
+
+    def ctrl_c_after_one_epoch(cfg, run_dir, *a, **k):
+        raise Interrupted(run_dir, 1)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "distributed_setup", lambda device: (train.Dist(0, 2), "cpu"))
+        m.setattr(train, "train", ctrl_c_after_one_epoch)
+        assert main(["train", "--resume", str(launched), "--data-dir", str(data_dir)]) == 130
+    assert (f"Continue with: torchrun --nproc-per-node 2 --no-python mnist-cnn train --resume "
+            f"{launched}") in capsys.readouterr().err
+
+    # bf16 on a CPU without native bf16: a warning before the (long) training.
+    with monkeypatch.context() as m:
+        m.setattr(train, "cpu_has_fast_bf16", lambda: False)
+        m.setattr(train, "train", ctrl_c_at_once)
+        out = ["--out", str(tmp_path / "w"), "--device", "cpu"]
+        assert main(["train", *args, *out, "--precision", "bf16"]) == 130
+        assert "warning: this CPU has no native bf16" in capsys.readouterr().err
+        assert main(["train", *args, *out]) == 130  # auto: fp32 here, nothing to say
+        assert "warning" not in capsys.readouterr().err
+
     run = tmp_path / "b"
 
     def ctrl_c(*a, **k):

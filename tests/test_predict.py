@@ -249,6 +249,19 @@ def test_names_that_are_not_utf8_are_printed_escaped_and_kept_in_json(tmp_path, 
     assert json.loads(capsys.readouterr().out)["file"] == str(path)
 
 
+def test_names_the_output_cannot_encode_are_printed_escaped(tmp_path):
+    import subprocess
+
+    path = tmp_path / "dígito 七.png"
+    path.write_bytes(bar())
+    env = {**os.environ, "PYTHONIOENCODING": "ascii:strict"}
+    done = subprocess.run([sys.executable, "-m", "mnist_cnn", "predict", str(path),
+                           str(tmp_path / "ñ.png")], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 1  # the second file is missing
+    assert done.stdout.decode("ascii").startswith(f"{tmp_path}/d\\xedgito \\u4e03.png: 1 ")
+    assert f"{tmp_path}/\\xf1.png: error" in done.stderr.decode("ascii")
+
+
 @pytest.mark.parametrize("command", ["predict", "serve"])
 def test_an_ensemble_folder_as_checkpoint_names_a_member(tmp_path, capsys, command):
     (tmp_path / "ensemble.json").write_text(json.dumps({"members": ["member-0"], "tta": False}))

@@ -37,18 +37,18 @@ from mnist_cnn.train import loss_and_accuracy, predict_proba, resolve_precision,
 
 # --------------------------------------------------------------------------- the machine
 def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 1024,
-                  repeats: int = 5) -> list[float]:
-    """Dense n×n×n matmul rate in GFLOP/s, one figure per repeat."""
+                  repeats: int = 5, per_repeat: int = 10) -> list[float]:
+    """Dense n×n×n matmul rate in GFLOP/s, one figure per repeat of `per_repeat` products."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     rates = []
     for _ in range(repeats + 1):
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(10):
+        for _ in range(per_repeat):
             a @ b
         _sync(device)
-        rates.append(10 * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+        rates.append(per_repeat * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return rates[1:]  # the first run warms up
 
 
@@ -262,9 +262,19 @@ def run_benchmark(data: MNIST, device: torch.device, quick: bool = False, log=pr
         return s
 
     log("matmul rate and model FLOPs")
+    # The run's precision gives the peak every throughput is compared with. Beside it: fp32, or,
+    # where the run is fp32 on a CPU, bf16, which --precision auto passed over because this CPU
+    # has no native bf16 (there it can be ~100× slower: a few products are enough to show it).
     peak = row("matmul 1024³, " + results["precision"],
                matmul_gflops(amp or torch.float32, device), "GFLOP/s")
-    fp32 = row("matmul 1024³, float32", matmul_gflops(torch.float32, device), "GFLOP/s")
+    if amp is None and device.type == "cpu":
+        fp32 = peak
+        bf16 = row("matmul 1024³, bfloat16 (not used here)",
+                   matmul_gflops(torch.bfloat16, device, repeats=2, per_repeat=1), "GFLOP/s",
+                   "{:,.1f}")  # about 1: a decimal tells more
+        results["matmul_gflops_bf16"] = bf16["median"]
+    else:
+        fp32 = row("matmul 1024³, float32", matmul_gflops(torch.float32, device), "GFLOP/s")
     flops = flops_per_image(ReferenceCNN().to(device))
     results |= {"matmul_gflops": peak["median"], "matmul_gflops_fp32": fp32["median"],
                 "infer_flops_per_image": flops, "train_flops_per_image": 3 * flops}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -348,6 +349,17 @@ def _device(name: str):
         raise UserError(str(e)) from None
 
 
+def _warn_if_slow_bf16(cfg: TrainConfig, device, say=print) -> None:
+    """bf16 asked for on a CPU that has no native bf16 runs, but many times slower than fp32
+    (12× for training on an AVX2 CPU, docs/PERFORMANCE.md): say so before the long wait."""
+    from mnist_cnn.train import cpu_has_fast_bf16
+
+    if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        say("mnist-cnn: warning: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 runs "
+            "many times slower than fp32 here; --precision auto (the default) would use fp32",
+            file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_cnn.evaluate import load_run, write_report
     from mnist_cnn.model import count_params
@@ -403,6 +415,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "or choose another --out"
             )
+    _warn_if_slow_bf16(cfg, device, say)
     new_folder = not args.resume and not run_dir.exists()
     data = _load_data(args, quiet=not dist.main)
     params = count_params(prepare_model(cfg, device))
@@ -412,6 +425,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed} → {run_dir}",
         file=sys.stderr,
     )
+    # How to continue it: under torchrun, by the same kind of launch.
+    resume = (f"torchrun --nproc-per-node {dist.world} --no-python " if dist.world > 1 else ""
+              ) + f"mnist-cnn train --resume {run_dir}"
     try:
         history = train(cfg, run_dir, data, device, resume=bool(args.resume),
                         progress=sys.stderr.isatty(), log=lambda s: say(s, flush=True), dist=dist)
@@ -424,7 +440,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 130
         say(
             f"\nInterrupted: {stop.epochs_done} finished epoch(s) are saved in {stop.run_dir}.\n"
-            f"Continue with: mnist-cnn train --resume {stop.run_dir}",
+            f"Continue with: {resume}",
             file=sys.stderr,
         )
         return 130
@@ -434,7 +450,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             report = write_report(run_dir, run_dir, model, cfg, data, device, history)
         except KeyboardInterrupt:
             say(f"\nInterrupted while writing the report: every epoch is saved in {run_dir}.\n"
-                f"Finish it with: mnist-cnn train --resume {run_dir}", file=sys.stderr)
+                f"Finish it with: {resume}", file=sys.stderr)
             return 130
         _print_report(report, run_dir)
     _end_distributed(dist)
@@ -502,6 +518,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     _check_out(folder, "--out")
     if (folder / "config.json").is_file() and not is_ensemble(folder):
         raise UserError(f"--out {folder} holds a single run, not an ensemble: choose another --out")
+    _warn_if_slow_bf16(cfg, device)
     data = _load_data(args)
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"
           f"{cfg.seed + args.models - 1} → {folder}", file=sys.stderr)
@@ -531,6 +548,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     classifier = _classifier(args)
     if args.save_preprocessed:
         args.save_preprocessed.mkdir(parents=True, exist_ok=True)
+    # A name the output's encoding cannot write (a Chinese name into a cp1252 file on Windows,
+    # any non-ASCII one under PYTHONIOENCODING=ascii) is written with backslash escapes.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     saved: set[str] = set()
     failed = False
     # Each file's result is printed (and flushed) as soon as it is ready: no wait for the others,
