@@ -1,14 +1,16 @@
 """Speed of the reference model under each setting, one change at a time.
 
     python scripts/train_step_ablation.py            # training steps, then inference chunks
-    python scripts/train_step_ablation.py --fp32     # the same in fp32 only (CPUs without fast
-                                                     # bf16, where --precision auto picks fp32)
+    python scripts/train_step_ablation.py --fp32     # the same choices in fp32 (CPUs without
+                                                     # native bf16, where --precision auto picks
+                                                     # fp32), and bf16 there once, for scale
     python scripts/train_step_ablation.py --profile  # where a default training step's time goes
 
 Times the same step `mnist-cnn train` takes (slice a uint8 batch, rotate, normalize, forward,
 backward, Adam) on random data, for each combination listed below, and inference of 10,000
 images in calls of 1,000 split into chunks of various sizes; prints images/s as the median of 3
-repeats (min and max beside it). docs/PERFORMANCE.md quotes its output.
+repeats (min and max beside it; the slow bf16 rows of --fp32 run once). docs/PERFORMANCE.md
+quotes its output.
 """
 
 import statistics
@@ -95,6 +97,7 @@ CASES_FP32 = [
     # What --precision bf16 does on such a CPU (slow: a few steps, once).
     ("bf16 autocast, else the default", dict(steps=5, repeats=1)),
 ]
+
 
 def inference_rate(chunk: int, bf16: bool = True, repeats: int = 3):
     torch.manual_seed(0)

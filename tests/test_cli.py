@@ -283,7 +283,8 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
     shutil.copytree(DEFAULT_MODEL, ens / "member-0")
     assert main(["evaluate", str(ens), *data]) == 2
     err = capsys.readouterr().err
-    assert "member-1 not finished" in err and "with --models 1" in err, err
+    assert "member-1 not finished" in err, err
+    assert "to use its first member only, that command with --models 1" in err, err
     for text in ('{"members":', "[]", '{"members": []}'):
         (ens / "ensemble.json").write_text(text)
         assert main(["evaluate", str(ens), *data]) == 2
@@ -327,6 +328,13 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
         assert main(["train", "--resume", str(launched), "--data-dir", str(data_dir)]) == 130
     assert (f"Continue with: torchrun --nproc-per-node 2 --no-python mnist-cnn train --resume "
             f"{launched}") in capsys.readouterr().err
+    with monkeypatch.context() as m:  # two machines, one process each
+        m.setenv("LOCAL_WORLD_SIZE", "1")
+        m.setattr(train, "distributed_setup", lambda device: (train.Dist(0, 2), "cpu"))
+        m.setattr(train, "train", ctrl_c_after_one_epoch)
+        assert main(["train", "--resume", str(launched), "--data-dir", str(data_dir)]) == 130
+    assert (f"Continue with: the same torchrun launch, of mnist-cnn train --resume {launched}"
+            in capsys.readouterr().err)
 
     # bf16 on a CPU without native bf16: a warning before the (long) training.
     with monkeypatch.context() as m:

@@ -240,7 +240,9 @@ def test_names_that_are_not_utf8_are_printed_escaped_and_kept_in_json(tmp_path, 
     path = tmp_path / os.fsdecode(b"bad_\xff.png")  # argv gives such a name with surrogates
     path.write_bytes(bar())
     shown = str(tmp_path / "bad_\\xff.png")
+    errors = sys.stdout.errors
     assert main(["predict", str(path), str(tmp_path / "other.png")]) == 1
+    assert sys.stdout.errors == errors  # predict puts its output stream back
     out, err = capsys.readouterr()
     assert out.startswith(f"{shown}: 1 ") and "other.png: error" in err
     # --json keeps the name as given (json.dumps escapes the byte as \udcff), so it can be
@@ -258,8 +260,8 @@ def test_names_the_output_cannot_encode_are_printed_escaped(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mnist_cnn", "predict", str(path),
                            str(tmp_path / "ñ.png")], capture_output=True, env=env, timeout=120)
     assert done.returncode == 1  # the second file is missing
-    assert done.stdout.decode("ascii").startswith(f"{tmp_path}/d\\xedgito \\u4e03.png: 1 ")
-    assert f"{tmp_path}/\\xf1.png: error" in done.stderr.decode("ascii")
+    assert done.stdout.decode("ascii").startswith(f"{tmp_path}{os.sep}d\\xedgito \\u4e03.png: 1 ")
+    assert f"{tmp_path}{os.sep}\\xf1.png: error" in done.stderr.decode("ascii")
 
 
 @pytest.mark.parametrize("command", ["predict", "serve"])

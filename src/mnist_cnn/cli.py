@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from mnist_cnn import __version__
-from mnist_cnn.config import FAST, MODEL_NAMES, CorruptFile, TrainConfig
+from mnist_cnn.config import FAST, MODEL_NAMES, CorruptFile, DataError, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -311,11 +311,11 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg = dataclasses.replace(cfg, teacher=str(_check_teacher(cfg.teacher, "--teacher")))
     elif args.teacher_weight is not None or args.teacher_temperature is not None:
         raise UserError("--teacher-weight and --teacher-temperature apply with --teacher only")
-    from mnist_cnn.data import VAL_SIZE
+    from mnist_cnn.data import TRAIN_SIZE
 
-    if cfg.train_subset is not None and cfg.train_subset > 60_000 - VAL_SIZE:
+    if cfg.train_subset is not None and cfg.train_subset > TRAIN_SIZE:
         raise UserError(f"--train-subset {cfg.train_subset} is more than the "
-                        f"{60_000 - VAL_SIZE:,} training images")
+                        f"{TRAIN_SIZE:,} training images")
     if cfg.clean_epochs is not None and cfg.clean_epochs > cfg.epochs:
         raise UserError(f"--clean-epochs {cfg.clean_epochs} is more than the {cfg.epochs} epochs")
     return cfg
@@ -349,15 +349,16 @@ def _device(name: str):
         raise UserError(str(e)) from None
 
 
-def _warn_if_slow_bf16(cfg: TrainConfig, device, say=print) -> None:
+def _warn_if_slow_bf16(cfg: TrainConfig, device, say=print, resuming: bool = False) -> None:
     """bf16 asked for on a CPU that has no native bf16 runs, but many times slower than fp32
     (12× for training on an AVX2 CPU, docs/PERFORMANCE.md): say so before the long wait."""
     from mnist_cnn.train import cpu_has_fast_bf16
 
     if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        instead = ("a new run with --precision auto (the default) would use fp32" if resuming
+                   else "--precision auto (the default) would use fp32")
         say("mnist-cnn: warning: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 runs "
-            "many times slower than fp32 here; --precision auto (the default) would use fp32",
-            file=sys.stderr)
+            f"many times slower than fp32 here; {instead}", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -415,7 +416,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "or choose another --out"
             )
-    _warn_if_slow_bf16(cfg, device, say)
+    _warn_if_slow_bf16(cfg, device, say, resuming=bool(args.resume))
     new_folder = not args.resume and not run_dir.exists()
     data = _load_data(args, quiet=not dist.main)
     params = count_params(prepare_model(cfg, device))
@@ -425,9 +426,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed} → {run_dir}",
         file=sys.stderr,
     )
-    # How to continue it: under torchrun, by the same kind of launch.
-    resume = (f"torchrun --nproc-per-node {dist.world} --no-python " if dist.world > 1 else ""
-              ) + f"mnist-cnn train --resume {run_dir}"
+    # How to continue it: under torchrun, by the same kind of launch (over several machines,
+    # whose processes each this one cannot count, in general terms).
+    resume = f"mnist-cnn train --resume {run_dir}"
+    if dist.world > 1:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(dist.world))
+        resume = (f"torchrun --nproc-per-node {per_node} --no-python {resume}"
+                  if per_node == str(dist.world) else f"the same torchrun launch, of {resume}")
     try:
         history = train(cfg, run_dir, data, device, resume=bool(args.resume),
                         progress=sys.stderr.isatty(), log=lambda s: say(s, flush=True), dist=dist)
@@ -482,9 +487,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         done = [run_finished(r) for r in members]
         if not all(done):
             unfinished = [r.name for r, d in zip(members, done, strict=True) if not d]
-            first = done.index(False)  # members 0 .. first-1 are finished
-            smaller = (f"; or, to use its first {first} member(s) only, the same command with "
-                       f"--models {first}") if first else ""
+            finished = done.index(False)  # members 0 .. finished - 1 are finished
+            which = "member" if finished == 1 else f"{finished} members"
+            smaller = (f"; or, to use its first {which} only, that command with "
+                       f"--models {finished}") if finished else ""
             raise UserError(
                 f"{args.run_dir}: {', '.join(unfinished)} not finished (or missing): run the "
                 f"mnist-cnn ensemble command that made it again, and it continues{smaller}")
@@ -539,20 +545,30 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from mnist_cnn.predict import predict_files, unique_png_name
-
     if args.save_preprocessed:
         _check_out(args.save_preprocessed, "--save-preprocessed")
     classifier = _classifier(args)
     if args.save_preprocessed:
         args.save_preprocessed.mkdir(parents=True, exist_ok=True)
     # A name the output's encoding cannot write (a Chinese name into a cp1252 file on Windows,
-    # any non-ASCII one under PYTHONIOENCODING=ascii) is written with backslash escapes.
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="backslashreplace")
+    # any non-ASCII one under PYTHONIOENCODING=ascii) is written with backslash escapes, as
+    # stderr already does; the stream is put back as it was afterwards.
+    out = sys.stdout
+    errors = out.errors if isinstance(out, io.TextIOWrapper) else None
+    if errors is not None:
+        out.reconfigure(errors="backslashreplace")
+    try:
+        return _predict_and_print(args, classifier)
+    finally:
+        if errors is not None:
+            out.reconfigure(errors=errors)
+
+
+def _predict_and_print(args: argparse.Namespace, classifier) -> int:
+    from PIL import Image
+
+    from mnist_cnn.predict import predict_files, unique_png_name
+
     saved: set[str] = set()
     failed = False
     # Each file's result is printed (and flushed) as soon as it is ready: no wait for the others,
@@ -631,16 +647,10 @@ def _print_report(report: dict, out: Path, wrote: bool = True) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        # Here, not at the top: it imports torch (seconds), and a Ctrl-C meanwhile is reported
-        # like any other.
-        from mnist_cnn.data import DataError
-
+        # The commands import torch when they run (seconds): a Ctrl-C meanwhile is caught here.
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                     "serve": cmd_serve, "bench": cmd_bench, "ensemble": cmd_ensemble}
         return commands[args.command](args)
-    except KeyboardInterrupt:  # first: it may come before DataError is imported
-        print("\nInterrupted.", file=sys.stderr)
-        return 130
     except (UserError, DataError, CorruptFile) as e:
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 2
@@ -650,3 +660,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the system refused (a full disk, a permission): its words, one line
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130

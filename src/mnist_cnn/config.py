@@ -10,6 +10,11 @@ from pathlib import Path
 from mnist_cnn import __version__
 
 
+class DataError(Exception):
+    """A problem with the data files that the user can fix; the message says how (data.py
+    raises it; it lives here, away from torch, so the command line can catch it without it)."""
+
+
 class CorruptFile(ValueError):
     """A run folder's file that cannot be read: truncated, edited, or another model's."""
 

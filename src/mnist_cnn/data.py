@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnist_cnn.config import DataError
+
 # SHA-256 of the *decompressed* IDX files (published originals), with the shape each must have.
 # Checked on every load, so a corrupt or swapped file can never be trained on.
 FILES: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -56,10 +58,6 @@ TRAIN_SIZE = 60_000 - VAL_SIZE
 
 # Pixel statistics of the MNIST training set, used to normalize inputs.
 MEAN, STD = 0.1307, 0.3081
-
-
-class DataError(Exception):
-    """A problem with the data files that the user can fix; the message says how."""
 
 
 @dataclass

@@ -36,8 +36,21 @@ def read_file(path: str | os.PathLike) -> bytes:
     MAX_BYTES + 1 bytes are read, because the size the system reports can be wrong (files under
     /proc report 0) or the file can grow while it is read.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except OSError:
+        # Some kinds cannot be opened at all (a folder on Windows, a socket): name the kind.
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode):
+            raise ImageError("is a folder, not an image file") from None
+        if mode is not None and not stat.S_ISREG(mode):
+            raise ImageError("not a regular file (a device, named pipe or socket)") from None
+        raise
+    try:  # checked on the descriptor: fdopen would refuse a folder without closing it
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
             raise ImageError("is a folder, not an image file")
@@ -45,10 +58,12 @@ def read_file(path: str | os.PathLike) -> bytes:
             raise ImageError("not a regular file (a device, named pipe or socket)")
         if info.st_size > MAX_BYTES:
             raise ImageError(f"file is too large ({info.st_size:,} bytes; limit {MAX_BYTES:,})")
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)  # a regular file: read it plainly
     except BaseException:
         os.close(fd)
         raise
-    with os.fdopen(fd, "rb") as f:  # non-blocking changes nothing for a regular file
+    with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise ImageError(f"file is too large (over the limit of {MAX_BYTES:,} bytes)")

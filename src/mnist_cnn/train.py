@@ -208,7 +208,7 @@ def kept_teacher_probabilities(run_dir: Path, cfg: TrainConfig) -> torch.Tensor 
             p = f.get_tensor("probabilities").float()
     except (OSError, SafetensorError, ValueError):  # absent, or damaged
         return None
-    return p if p.shape == (cfg.train_subset or TRAIN_SIZE, 10) else None
+    return p if p.shape == (min(cfg.train_subset or TRAIN_SIZE, TRAIN_SIZE), 10) else None
 
 
 def training_images(cfg: TrainConfig, data: MNIST) -> tuple[torch.Tensor, torch.Tensor]:
