@@ -85,10 +85,7 @@ CASES = [
 
 # Where bf16 is slow (no AVX-512 BF16 or AMX), `--precision auto` trains in fp32: do the other
 # choices still pay there?
-CASES_FP32 = [
-    ("fp32, NCHW, foreach Adam, nn.Dropout (plain)",
-     dict(bf16=False, channels_last=False, fused=False, torch_dropout=True)),
-    ("+ channels-last", dict(bf16=False, fused=False, torch_dropout=True)),
+CASES_FP32 = CASES[:2] + [  # plain, then channels-last: both fp32 already
     ("+ fused Adam", dict(bf16=False, torch_dropout=True)),
     ("+ rand-mask dropout (the fp32 default)", dict(bf16=False)),
     ("fp32 default, batch 128", dict(bf16=False, batch=128, steps=80)),

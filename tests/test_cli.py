@@ -322,19 +322,19 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
     def ctrl_c_after_one_epoch(cfg, run_dir, *a, **k):
         raise Interrupted(run_dir, 1)
 
-    with monkeypatch.context() as m:
-        m.setattr(train, "distributed_setup", lambda device: (train.Dist(0, 2), "cpu"))
-        m.setattr(train, "train", ctrl_c_after_one_epoch)
-        assert main(["train", "--resume", str(launched), "--data-dir", str(data_dir)]) == 130
-    assert (f"Continue with: torchrun --nproc-per-node 2 --no-python mnist-cnn train --resume "
-            f"{launched}") in capsys.readouterr().err
-    with monkeypatch.context() as m:  # two machines, one process each
-        m.setenv("LOCAL_WORLD_SIZE", "1")
-        m.setattr(train, "distributed_setup", lambda device: (train.Dist(0, 2), "cpu"))
-        m.setattr(train, "train", ctrl_c_after_one_epoch)
-        assert main(["train", "--resume", str(launched), "--data-dir", str(data_dir)]) == 130
-    assert (f"Continue with: the same torchrun launch, of mnist-cnn train --resume {launched}"
-            in capsys.readouterr().err)
+    # Two processes on this machine; then two machines, one process each.
+    for per_node, how in ((None, "torchrun --nproc-per-node 2 --no-python"),
+                          ("1", "the same torchrun launch, of")):
+        with monkeypatch.context() as m:
+            if per_node:
+                m.setenv("LOCAL_WORLD_SIZE", per_node)
+            else:
+                m.delenv("LOCAL_WORLD_SIZE", raising=False)
+            m.setattr(train, "distributed_setup", lambda device: (train.Dist(0, 2), "cpu"))
+            m.setattr(train, "train", ctrl_c_after_one_epoch)
+            assert main(["train", "--resume", str(launched), "--data-dir", str(data_dir)]) == 130
+        assert (f"Continue with: {how} mnist-cnn train --resume {launched}"
+                in capsys.readouterr().err)
 
     # bf16 on a CPU without native bf16: a warning before the (long) training.
     with monkeypatch.context() as m:

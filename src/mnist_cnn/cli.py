@@ -355,10 +355,10 @@ def _warn_if_slow_bf16(cfg: TrainConfig, device, say=print, resuming: bool = Fal
     from mnist_cnn.train import cpu_has_fast_bf16
 
     if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
-        instead = ("a new run with --precision auto (the default) would use fp32" if resuming
-                   else "--precision auto (the default) would use fp32")
+        new_run = "a new run with " if resuming else ""
         say("mnist-cnn: warning: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 runs "
-            f"many times slower than fp32 here; {instead}", file=sys.stderr)
+            f"many times slower than fp32 here; {new_run}--precision auto (the default) would "
+            "use fp32", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ of that, so we redo the same steps (LeCun et al.'s recipe):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -26,6 +27,13 @@ class ImageError(ValueError):
     """An input that cannot be classified; the message says why."""
 
 
+def _refuse_unless_regular(mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise ImageError("is a folder, not an image file")
+    if not stat.S_ISREG(mode):
+        raise ImageError("not a regular file (a device, named pipe or socket)")
+
+
 def read_file(path: str | os.PathLike) -> bytes:
     """The bytes of an image file, with the byte limit applied while reading, not after.
 
@@ -36,29 +44,22 @@ def read_file(path: str | os.PathLike) -> bytes:
     MAX_BYTES + 1 bytes are read, because the size the system reports can be wrong (files under
     /proc report 0) or the file can grow while it is read.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    flags = os.O_RDONLY | nonblock | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, flags)
     except OSError:
-        # Some kinds cannot be opened at all (a folder on Windows, a socket): name the kind.
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            mode = None
-        if mode is not None and stat.S_ISDIR(mode):
-            raise ImageError("is a folder, not an image file") from None
-        if mode is not None and not stat.S_ISREG(mode):
-            raise ImageError("not a regular file (a device, named pipe or socket)") from None
+        # Some kinds cannot be opened at all (a folder on Windows, a socket): name the kind;
+        # else (missing, no permission) the open's own error stands.
+        with contextlib.suppress(OSError):
+            _refuse_unless_regular(os.stat(path).st_mode)
         raise
     try:  # checked on the descriptor: fdopen would refuse a folder without closing it
         info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ImageError("is a folder, not an image file")
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError("not a regular file (a device, named pipe or socket)")
+        _refuse_unless_regular(info.st_mode)
         if info.st_size > MAX_BYTES:
             raise ImageError(f"file is too large ({info.st_size:,} bytes; limit {MAX_BYTES:,})")
-        if flags & getattr(os, "O_NONBLOCK", 0):
+        if nonblock:
             os.set_blocking(fd, True)  # a regular file: read it plainly
     except BaseException:
         os.close(fd)
