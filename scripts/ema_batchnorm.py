@@ -29,10 +29,10 @@ from mnist_cnn.evaluate import load_run, read_history, write_report
 from mnist_cnn.train import (
     BN_IMAGES,
     accuracy_halves,
+    inference_precision,
     loss_and_accuracy,
     predict_proba,
     recalibrate_batchnorm,
-    resolve_precision,
     save_weights,
 )
 
@@ -43,7 +43,7 @@ def rescore(run: Path, data, out: Path | None) -> dict:
     cfg, model = load_run(run, CPU)
     if cfg.select != "last" or cfg.ema == 0:
         raise SystemExit(f"{run}: only runs that kept the last epoch's weight average")
-    amp = resolve_precision(cfg.precision, CPU)
+    amp = inference_precision(cfg.precision, CPU)
 
     def score() -> tuple[torch.Tensor, dict]:
         val_probs = predict_proba(model, data.val_images, CPU, amp)

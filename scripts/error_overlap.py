@@ -23,7 +23,7 @@ import torch
 from mnist_cnn.data import load_mnist
 from mnist_cnn.ensemble import finished_runs, is_ensemble
 from mnist_cnn.evaluate import load_run
-from mnist_cnn.train import predict_proba, resolve_precision
+from mnist_cnn.train import inference_precision, predict_proba
 
 CPU = torch.device("cpu")
 
@@ -46,7 +46,7 @@ def main() -> None:
         wrong = {name: [] for name in splits}  # per split: one bool row per member
         for run in runs:
             cfg, model = load_run(run, CPU)
-            amp = resolve_precision(cfg.precision, CPU)
+            amp = inference_precision(cfg.precision, CPU)
             for name, (images, labels) in splits.items():
                 wrong[name].append(predict_proba(model, images, CPU, amp).argmax(1) != labels)
         for name, rows in wrong.items():

@@ -57,14 +57,14 @@ def add_perturbed_errors(runs: list[dict], data_dir: str | None) -> None:
     from mnist_cnn.data import load_mnist, resolve_data_dir
     from mnist_cnn.ensemble import TTA, tta_view
     from mnist_cnn.evaluate import load_run
-    from mnist_cnn.train import predict_proba, resolve_precision
+    from mnist_cnn.train import inference_precision, predict_proba
 
     data = load_mnist(resolve_data_dir(data_dir))
     views = [tta_view(data.val_images, view) for view in TTA[1:]]
     device = torch.device("cpu")
     for run in runs:
         cfg, model = load_run(run["path"], device)
-        amp = resolve_precision(cfg.precision, device)
+        amp = inference_precision(cfg.precision, device)
         run["val_perturbed_errors"] = sum(
             int((predict_proba(model, x, device, amp).argmax(1) != data.val_labels).sum())
             for x in views

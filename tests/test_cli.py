@@ -58,6 +58,21 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
     assert f"test accuracy {100 * report['test_accuracy']:.2f}%" in captured.out
     assert {name: (run / name).stat().st_mtime_ns for name in RUN_FILES} == before
 
+    # A finished run without its checkpoint (deleted to save space) is not trained over either.
+    (run / "checkpoint.safetensors").unlink()
+    assert main(["train", "--epochs", "1", "--out", str(run), *args]) == 2
+    assert "already holds model.safetensors and report.json" in (
+        capsys.readouterr().err)
+    assert {name: (run / name).stat().st_mtime_ns for name in RUN_FILES} == before
+
+    # Evaluating a run that stopped early says so (here: a config asking for one epoch more).
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    (stopped / "config.json").write_text(json.dumps({**config, "epochs": 3}))
+    assert main(["evaluate", str(stopped), "--out", str(tmp_path / "eval2"), *args]) == 0
+    err = capsys.readouterr().err
+    assert f"{stopped} stopped after epoch 2 of 3; scoring" in err  # no checkpoint: no --resume
+
 
 @pytest.mark.parametrize(
     "argv, message",
@@ -74,6 +89,9 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["train", "--resume", "run", "--epochs", "3", "--out", "x"],
          "leave out --epochs, --out"),
         (["bench", "--quick", "--json", "."], "is a folder: give a file name"),
+        (["train", "--max-scale", "1"], "give a fraction below 1"),
+        (["train", "--model", "strong", "--train-subset", "1"], "2 images or more a batch"),
+        (["train", "--model", "strong", "--batch-size", "1"], "2 images or more a batch"),
     ],
 )
 def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):
@@ -84,6 +102,14 @@ def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tm
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_padding_with_the_strong_model_is_noted_and_ignored(capsys):
+    from mnist_cnn.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["train", "--model", "strong", "--padding", "valid"])
+    assert _config_from_args(args).model == "strong"
+    assert "--padding applies to the reference model" in capsys.readouterr().err
 
 
 def test_an_output_folder_that_cannot_be_made_is_refused_at_once(tmp_path, capsys, monkeypatch):
@@ -345,6 +371,21 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
         assert "warning: this CPU has no native bf16" in capsys.readouterr().err
         assert main(["train", *args, *out]) == 130  # auto: fp32 here, nothing to say
         assert "warning" not in capsys.readouterr().err
+
+    # An ensemble stopped without --out: "the same command" would start a new folder, so the
+    # hint names the one to continue.
+    from mnist_cnn import ensemble
+
+    def ctrl_c_in_member_0(cfg, folder, *a, **k):
+        raise Interrupted(folder / "member-0", 0)
+
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        m.setattr(ensemble, "train_members", ctrl_c_in_member_0)
+        assert main(["ensemble", "--models", "2", "--data-dir", str(data_dir)]) == 130
+        err = capsys.readouterr().err
+        made = err.split("→ ")[1].split()[0]  # "Ensemble of 2 ... → runs/<date-time>"
+        assert made.startswith("runs") and f"same command with --out {made} (it" in err
 
     run = tmp_path / "b"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mnist_cnn import predict as predict_module
@@ -155,6 +156,25 @@ def test_predict_cli(tmp_path, mnist, capsys):
 def test_classifier_runs_on_cpu_tensors_of_any_batch(classifier):
     probs = classifier.probabilities(np.zeros((1, 28, 28), np.uint8))
     assert probs.shape == (1, 10) and np.isclose(probs.sum(), 1, atol=1e-4)
+
+
+def test_a_bf16_run_is_scored_in_fp32_where_bf16_is_not_native(tmp_path, monkeypatch):
+    # A run trained with --precision bf16, then used on a CPU without native bf16: prediction
+    # (and evaluate, teacher labelling) runs in fp32 there, ~9x faster; with native bf16, bf16.
+    import shutil
+
+    from mnist_cnn import train
+
+    shutil.copytree(DEFAULT_MODEL, tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**cfg, "precision": "bf16"}))
+    for native, amp in ((False, None), (True, torch.bfloat16)):
+        monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda native=native: native)
+        assert Classifier.load(tmp_path / "run").amp is amp
+    # Runs asking for fp32, or auto, keep what they ask for.
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
+    assert train.inference_precision("fp32", torch.device("cpu")) is None
+    assert train.inference_precision("auto", torch.device("cpu")) is torch.bfloat16
 
 
 def test_saved_images_of_files_with_the_same_stem_all_kept(tmp_path, mnist):

@@ -76,6 +76,35 @@ def test_upload_size_limit(client):
     assert r.status_code == 413 and "too large" in r.json()["detail"]
 
 
+def test_a_chunked_upload_is_refused_at_the_limit_not_read_to_the_end(app):
+    # No Content-Length (Transfer-Encoding: chunked): the body is cut off once past the limit,
+    # not spooled whole (here it would be 64 MB) before the handler sees it.
+    import asyncio
+
+    head = (b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    received, replies = 0, []
+
+    async def receive():
+        nonlocal received
+        chunk = head if received == 0 else b"\0" * 65536
+        received += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": received < 64 << 20}
+
+    async def send(message):
+        replies.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/api/predict", "raw_path": b"/api/predict",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"multipart/form-data; boundary=x"),
+                         (b"transfer-encoding", b"chunked")]}
+    asyncio.run(app(scope, receive, send))
+    assert replies[0]["status"] == 413 and b"too large" in replies[1]["body"]
+    assert received < serve.MAX_UPLOAD_BYTES + 4096 + 65536 * 2
+
+
 def test_not_multipart_is_a_4xx(client):
     r = client.post("/api/predict", content=b"raw bytes", headers={"content-type": "image/png"})
     assert 400 <= r.status_code < 500

@@ -395,3 +395,68 @@ def test_the_weight_average_gets_batchnorm_statistics_of_its_own(mnist, tmp_path
     recalibrate_batchnorm(saved, mnist.train_images[: min(BN_IMAGES, cfg.train_subset)], CPU)
     assert all(torch.allclose(a, b) for a, b in zip(again, saved.buffers(), strict=True))
     assert history[0]["val_accuracy"] > 0.5
+
+
+def test_no_batch_of_one_image_and_strong_trains_on_what_would_leave_one(mnist, tmp_path):
+    from mnist_cnn.train import batches_per_epoch
+
+    assert batches_per_epoch(55_000, 256) == 215  # 214 full batches and one of 216
+    assert batches_per_epoch(257, 256) == 1  # one batch of 257, not 256 and 1
+    assert batches_per_epoch(256, 256) == 1 and batches_per_epoch(1, 256) == 1
+    assert batches_per_epoch(259, 256, world=2) == 1  # 3 left: one process would get 1
+    assert batches_per_epoch(260, 256, world=2) == 2  # 4 left: 2 each
+    # Batch norm cannot train on one image with 1x1 features (the strong model's last layer).
+    cfg = dataclasses.replace(TINY, model="strong", epochs=1, train_subset=129, batch_size=128)
+    history = train(cfg, tmp_path / "s", mnist, torch.device("cpu"), progress=False,
+                    log=lambda s: None)
+    assert len(history) == 1 and history[0]["train_accuracy"] > 0
+
+
+def test_a_metrics_line_cut_short_is_not_an_epoch(tmp_path):
+    from mnist_cnn.config import CorruptFile
+    from mnist_cnn.train import read_history
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')  # the disk filled mid-line
+    assert read_history(tmp_path, 2) == [{"epoch": 1}, {"epoch": 2}]  # what --resume reads
+    assert read_history(tmp_path) == [{"epoch": 1}, {"epoch": 2}]  # evaluate, figures
+    metrics.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')  # damage inside: an error
+    with pytest.raises(CorruptFile, match="metrics.jsonl cannot be read"):
+        read_history(tmp_path)
+    assert read_history(tmp_path / "none") == []
+
+
+def test_a_run_begun_with_other_batches_resumes_with_them(mnist, tmp_path, monkeypatch):
+    # A run begun before a one-image last batch joined the one before it (or under another
+    # number of processes) keeps its own batches on --resume: the same numbers as without a stop.
+    from mnist_cnn import train as train_module
+
+    cfg = dataclasses.replace(TINY, train_subset=1537)  # 12 batches of 128 and one of 1
+    quiet = dict(progress=False, log=lambda s: None)
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "batches_per_epoch", lambda n, b, world=1: -(-n // b))
+        before = train(cfg, tmp_path / "before", mnist, CPU, **quiet)
+
+        def ctrl_c_after_first_epoch(line):
+            if line.startswith("epoch   1/"):
+                raise KeyboardInterrupt
+
+        with pytest.raises(Interrupted):
+            train(cfg, tmp_path / "cut", mnist, CPU, progress=False,
+                  log=ctrl_c_after_first_epoch)
+    resumed = train(cfg, tmp_path / "cut", mnist, CPU, resume=True, **quiet)
+    assert without_time(resumed) == without_time(before)
+    now = train(cfg, tmp_path / "now", mnist, CPU, **quiet)  # 12 batches, the last of 129
+    assert without_time(now) != without_time(before)
+
+
+def test_auto_precision_on_a_gpu_is_native_bf16_or_fp32(monkeypatch):
+    from mnist_cnn.train import resolve_precision
+
+    cuda = torch.device("cuda")
+    for native, amp in ((True, torch.bfloat16), (False, None)):
+        # Older GPUs report bf16 as supported through emulation; only native counts.
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native:
+                            native or including_emulation)
+        assert resolve_precision("auto", cuda) is amp

@@ -105,7 +105,8 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                    help="random shift uniform in ±PX pixels on each axis "
                         f"(default: {d.max_shift:g})")
     t.add_argument("--max-scale", type=_nonnegative, metavar="FRAC",
-                   help=f"random scale uniform in 1 ± FRAC (default: {d.max_scale:g})")
+                   help="random scale uniform in 1 ± FRAC, FRAC below 1 "
+                        f"(default: {d.max_scale:g})")
     t.add_argument("--max-shear", type=_nonnegative, metavar="K",
                    help="random slant: horizontal shear uniform in ±K (0.2 leans a vertical "
                         f"stroke by about 11 degrees) (default: {d.max_shear:g}, off)")
@@ -127,7 +128,7 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                    help="drop rates of the two dropout layers "
                         f"(default: {d.dropout[0]:g},{d.dropout[1]:g})")
     t.add_argument("--padding", choices=["same", "valid"],
-                   help=f"convolution padding; the reference table leaves it open "
+                   help=f"the reference model's convolution padding; its table leaves it open "
                         f"(default: {d.padding})")
     t.add_argument("--ema", type=_nonnegative, metavar="DECAY",
                    help="decay of the weight moving average that is validated and saved; "
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train N models with seeds --seed, --seed+1, ... (one ordinary run folder "
         "each, inside --out), average their softmax outputs and write the ensemble's "
         "report.json and figures into --out. Finished members are reused and an interrupted "
-        "one is resumed, so running the same command again continues an interrupted ensemble.",
+        "one is resumed, so running the same command again (with the same --out) continues an "
+        "interrupted ensemble.",
     )
     en.add_argument("--models", type=_positive(int), default=3, help="members (default: 3)")
     en.add_argument("--tta", action="store_true",
@@ -224,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--save-preprocessed", metavar="DIR", type=Path,
                     help="write the 28×28 images the model saw into DIR")
     pr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
-                    help="where to compute")
+                    help="where to compute (default: cpu)")
     b = sub.add_parser(
         "bench", help="measure training and inference speed against a PyTorch baseline",
         description="Measure, in one run on this machine: training throughput, one epoch's time, "
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a run folder to use (default: the model shipped with the package)"
                          "%(default).0s")
     sv.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
-                    help="where to compute")
+                    help="where to compute (default: cpu)")
     return parser
 
 
@@ -306,6 +308,16 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = dataclasses.replace(base, **given)
     if cfg.width != 1 and cfg.model != "strong":
         raise UserError("--width applies to --model strong only (the reference layers are fixed)")
+    if args.padding is not None and cfg.model != "reference":
+        # A note, not an error: an ensemble begun with it continues with the same flags.
+        print("mnist-cnn: note: --padding applies to the reference model; the strong model's "
+              "convolutions have their own", file=sys.stderr)
+    if cfg.max_scale >= 1:
+        raise UserError(f"--max-scale {cfg.max_scale:g} would scale digits by 1 - "
+                        f"{cfg.max_scale:g} <= 0: give a fraction below 1 (0.1 is ±10%)")
+    if cfg.model == "strong" and min(cfg.batch_size, cfg.train_subset or 2) < 2:
+        raise UserError("--model strong trains with batch norm, which needs 2 images or more a "
+                        "batch: give --batch-size and --train-subset of 2 or more")
     if cfg.teacher is not None:
         # Absolute, so that resuming from another working folder still finds it.
         cfg = dataclasses.replace(cfg, teacher=str(_check_teacher(cfg.teacher, "--teacher")))
@@ -416,6 +428,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "or choose another --out"
             )
+        # A finished run need not keep its checkpoint (deleted to save space, or re-scored by
+        # scripts/ema_batchnorm.py --out): its weights and report are not to be overwritten
+        # either. (A config.json alone is a run stopped before its first epoch: nothing lost.)
+        held = [name for name in ("model.safetensors", "report.json") if (run_dir / name).exists()]
+        if held:
+            raise UserError(f"{run_dir} already holds {' and '.join(held)}: choose another --out")
     _warn_if_slow_bf16(cfg, device, say, resuming=bool(args.resume))
     new_folder = not args.resume and not run_dir.exists()
     data = _load_data(args, quiet=not dist.main)
@@ -474,7 +492,7 @@ def _end_distributed(dist) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mnist_cnn.ensemble import is_ensemble, member_dirs, write_ensemble_report
     from mnist_cnn.evaluate import load_run, write_report
-    from mnist_cnn.train import run_finished
+    from mnist_cnn.train import read_history, run_finished
 
     device = _device(args.device)
     out = args.out or args.run_dir
@@ -504,7 +522,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg, model = load_run(args.run_dir, device)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
-    report = write_report(args.run_dir, out, model, cfg, _load_data(args), device)
+    history = read_history(args.run_dir)  # empty without metrics.jsonl (the shipped model)
+    if 0 < len(history) < cfg.epochs:
+        resume = (f" (mnist-cnn train --resume {args.run_dir} continues it)"
+                  if (args.run_dir / "checkpoint.safetensors").is_file() else "")
+        print(f"mnist-cnn: note: {args.run_dir} stopped after epoch {len(history)} of "
+              f"{cfg.epochs}{resume}; scoring the model it has kept so far", file=sys.stderr)
+    report = write_report(args.run_dir, out, model, cfg, _load_data(args), device, history)
     _print_report(report, out)
     return 0
 
@@ -534,8 +558,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     except RecipeMismatch as e:
         raise UserError(str(e)) from None
     except Interrupted as stop:
+        # Without --out the same command would start a new folder: name this one.
+        again = "the same command" if args.out else f"the same command with --out {folder}"
         print(f"\nInterrupted in {stop.run_dir}; finished members are kept.\n"
-              f"Continue with the same command (it reuses them).", file=sys.stderr)
+              f"Continue with {again} (it reuses them).", file=sys.stderr)
         return 130
     report = write_ensemble_report(folder, folder, data, device)
     print(f"members: {', '.join(f'{100 * a:.2f}%' for a in report['member_test_accuracy'])} "

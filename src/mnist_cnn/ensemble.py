@@ -19,9 +19,9 @@ from mnist_cnn.config import TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.evaluate import load_run, read_history, save_report, write_report
 from mnist_cnn.train import (
+    inference_precision,
     kept_teacher_probabilities,
     predict_proba,
-    resolve_precision,
     run_finished,
     teacher_probabilities,
     train,
@@ -121,7 +121,7 @@ def ensemble_probas(
     views = TTA if tta else TTA[:1]
     for run in runs:
         cfg, model = load_run(run, device)
-        amp = resolve_precision(cfg.precision, device)
+        amp = inference_precision(cfg.precision, device)
         for images, total in zip(image_sets, totals, strict=True):
             for k, view in enumerate(views):
                 x = images if k == 0 else tta_view(images, view)  # view 0 is the identity

@@ -8,7 +8,6 @@ never used to choose anything.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,11 +18,12 @@ from mnist_cnn.config import TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.model import count_params
 from mnist_cnn.train import (
+    inference_precision,
     load_weights,
     loss_and_accuracy,
     predict_proba,
     prepare_model,
-    resolve_precision,
+    read_history,
 )
 
 
@@ -43,13 +43,6 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[TrainConfig, nn.Modul
         raise corrupt(run_dir / "config.json", "a run's config.json", e) from None
     load_weights(run_dir / "model.safetensors", model)
     return cfg, model
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def kept_val_loss(history: list[dict], report: dict) -> float:
@@ -119,7 +112,7 @@ def write_report(
     device: torch.device, history: list[dict] | None = None,
 ) -> dict:
     """Score `model` on validation and test, write report.json and the four figures to out_dir."""
-    amp = resolve_precision(cfg.precision, device)
+    amp = inference_precision(cfg.precision, device)
     history = read_history(run_dir) if history is None else history
     return save_report(
         out_dir, predict_proba(model, data.test_images, device, amp),

@@ -12,7 +12,7 @@ from torch import nn
 
 from mnist_cnn.evaluate import load_run
 from mnist_cnn.preprocess import ImageError, preprocess, read_file
-from mnist_cnn.train import predict_proba, resolve_precision
+from mnist_cnn.train import inference_precision, predict_proba
 
 # The default model, trained by `mnist-cnn train` with the documented defaults and shipped in the
 # package (half precision), so predict and serve work right after install.
@@ -30,7 +30,7 @@ class Classifier:
         device = device or torch.device("cpu")
         cfg, model = load_run(Path(run_dir) if run_dir else DEFAULT_MODEL, device)
         model.eval()
-        return cls(model, device, resolve_precision(cfg.precision, device))
+        return cls(model, device, inference_precision(cfg.precision, device))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, 28, 28] MNIST-style images → probabilities [N, 10]."""

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
@@ -42,6 +42,37 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+TOO_LARGE = f"upload too large (limit {MAX_UPLOAD_BYTES:,} bytes)"
+
+
+class LimitBody:
+    """ASGI middleware that refuses a request body over `limit` bytes with 413: by its
+    Content-Length before anything reads it, or, sent without one (chunked), as soon as the
+    bytes received pass the limit; else the form parser would spool all of it to disk first."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await JSONResponse({"detail": TOO_LARGE}, 413)(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                # Raised to the reader (the form parser): FastAPI answers it as any HTTPException.
+                raise HTTPException(413, TOO_LARGE)
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
 def create_app(classifier: Classifier) -> FastAPI:
     app = FastAPI(
         title="mnist-cnn",
@@ -50,15 +81,7 @@ def create_app(classifier: Classifier) -> FastAPI:
         "`/api/predict`.",
     )
 
-    @app.middleware("http")
-    async def limit_upload_size(request: Request, call_next):
-        # Refuse oversized bodies before anything reads them.
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_UPLOAD_BYTES + 4096):
-            return JSONResponse(
-                {"detail": f"upload too large (limit {MAX_UPLOAD_BYTES:,} bytes)"}, status_code=413
-            )
-        return await call_next(request)
+    app.add_middleware(LimitBody, limit=MAX_UPLOAD_BYTES + 4096)  # the image and the form's
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -77,7 +100,7 @@ def create_app(classifier: Classifier) -> FastAPI:
     def predict(image: Annotated[UploadFile, File(description=IMAGE_HELP)]) -> PredictionOut:
         data = image.file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"upload too large (limit {MAX_UPLOAD_BYTES:,} bytes)")
+            raise HTTPException(413, TOO_LARGE)
         try:
             digit = preprocess(data, MAX_SIDE)
         except ImageError as e:

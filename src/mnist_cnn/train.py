@@ -60,17 +60,34 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CPU with AVX-512 BF16 or AMX, a GPU from
+    Ampere on (older GPUs report bf16 as supported through a slow emulation)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return cpu_has_fast_bf16()
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a run, or None for plain fp32."""
+    """The autocast dtype for a run, or None for plain fp32. Auto is bf16 where it is native,
+    else fp32 (not fp16 on older GPUs: fp16 would need loss scaling)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if precision != "auto":
         raise ValueError(f"unknown precision {precision!r} (use auto, fp32 or bf16)")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16 if has_native_bf16(device) else None
+
+
+def inference_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype to score a run with: the run's own, except that a run trained with
+    `--precision bf16` is scored in fp32 where bf16 is not native (on such a CPU bf16
+    inference measured 8.9× slower; docs/PERFORMANCE.md). Its report.json then reads fp32's
+    validation accuracy, which may differ by an image from metrics.jsonl's, read in bf16."""
+    if precision == "bf16" and not has_native_bf16(device):
+        return None
+    return resolve_precision(precision, device)
 
 
 def autocast(device: torch.device, amp: torch.dtype | None):
@@ -311,6 +328,35 @@ def _save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
     _atomic_save({k: v.contiguous() for k, v in tensors.items()}, path, {"state": state})
 
 
+def read_history(run_dir: Path, epochs: int | None = None) -> list[dict]:
+    """A run's metrics.jsonl, one dict per finished epoch; with `epochs`, the first that many
+    only, and the lines after them (newer than the checkpoint: half a line, say, written as the
+    disk filled) are not read. A last line cut short is left out; other damage is an error."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    try:
+        text = path.read_text()
+        lines = [line for line in text.splitlines() if line.strip()][:epochs]
+        if epochs is None and lines and not text.endswith("\n"):
+            try:
+                json.loads(lines[-1])
+            except ValueError:  # a line cut short by a crash or a full disk: not an epoch
+                lines.pop()
+        return [json.loads(line) for line in lines]
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise corrupt(path, "a run's metrics (a JSON object a line)", e) from None
+
+
+def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Batches of `batch_size` images, the last one taking the remainder. A remainder too small
+    to give every process two images joins the batch before it: batch norm in training mode
+    cannot normalize one image whose features are 1×1 (the strong model's last layer), and a
+    step on one image is mostly noise. The default 55,000 images in batches of 256 leave 216."""
+    steps = math.ceil(n / batch_size)
+    return steps - 1 if steps > 1 and 0 < n % batch_size < 2 * world else steps
+
+
 def run_finished(run_dir: Path) -> bool:
     """Whether a run folder's training is complete: a report.json of all its epochs, and a
     checkpoint (if kept) at the last one. report.json alone is not enough: `mnist-cnn evaluate`
@@ -451,7 +497,7 @@ def train(
     train_x, train_y = training_images(cfg, data)
     train_x, train_y = train_x.to(device), train_y.to(device)
     n = len(train_x)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = batches_per_epoch(n, cfg.batch_size, dist.world)
     total_steps = steps_per_epoch * cfg.epochs
 
     soft = None
@@ -466,14 +512,17 @@ def train(
     if resume:
         state = _load_checkpoint(ckpt_path, model, ema, optimizer, device)
         # Keep the metrics of finished epochs only (a line may be newer than the checkpoint).
-        if metrics_path.exists():
-            lines = metrics_path.read_text().splitlines()
-            history = [json.loads(s) for s in lines if s.strip()][: state["epoch"]]
+        history = read_history(run_dir, state["epoch"])
+        if state["epoch"] and state["step"] != state["epoch"] * steps_per_epoch:
+            # Begun with other batches (another number of processes, or before a last batch
+            # of one image joined the one before it): keep them, so it goes on as it began.
+            steps_per_epoch = state["step"] // state["epoch"]
+            total_steps = steps_per_epoch * cfg.epochs
         log(f"Resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
     elif dist.main:
         cfg.save(run_dir / "config.json")
     if dist.main:
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
     progress = progress and dist.main
 
     step = state["step"]
@@ -498,7 +547,9 @@ def train(
                 disable=not progress, unit="batch", dynamic_ncols=True,
             )
             for i in bar:
-                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                # The last batch takes the remainder (batches_per_epoch).
+                end = (i + 1) * cfg.batch_size if i < steps_per_epoch - 1 else n
+                idx = order[i * cfg.batch_size : end]
                 # Transforms are drawn for the whole global batch, so every rank stays in step.
                 params = sample_transforms(
                     len(idx), max_rotation, cfg.max_shift, cfg.max_scale, gen,
@@ -549,7 +600,7 @@ def train(
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.argmax(1) == y).sum()
                 if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
-                    seen = min(n, (i + 1) * cfg.batch_size) / dist.world
+                    seen = end / dist.world
                     bar.set_postfix(
                         loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}"
                     )
