@@ -361,6 +361,11 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
             assert main(["train", "--resume", str(launched), "--data-dir", str(data_dir)]) == 130
         assert (f"Continue with: {how} mnist-cnn train --resume {launched}"
                 in capsys.readouterr().err)
+    # Each process's share of a strong-model batch must hold two images (batch norm).
+    with monkeypatch.context() as m:
+        m.setattr(train, "distributed_setup", lambda device: (train.Dist(0, 2), "cpu"))
+        assert main(["train", "--model", "strong", "--batch-size", "3"]) == 2
+        assert "needs --batch-size 4 or more" in capsys.readouterr().err
 
     # bf16 on a CPU without native bf16: a warning before the (long) training.
     with monkeypatch.context() as m:
@@ -426,3 +431,14 @@ def test_weights_are_written_with_the_usual_permissions_and_a_failed_write_is_an
     with pytest.raises(OSError, match="cannot write .*x.safetensors: No space left on device"):
         train._atomic_save({"w": torch.zeros(2)}, tmp_path / "x.safetensors")
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_bf16_on_a_gpu_without_native_bf16_is_warned_about(monkeypatch):
+    from mnist_cnn.cli import _warn_if_slow_bf16
+    from mnist_cnn.config import TrainConfig
+
+    said = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    _warn_if_slow_bf16(TrainConfig(precision="bf16"), torch.device("cuda"),
+                       say=lambda *a, **k: said.append(a[0]))
+    assert len(said) == 1 and "this GPU has no native bf16" in said[0]

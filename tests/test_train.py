@@ -420,9 +420,10 @@ def test_a_metrics_line_cut_short_is_not_an_epoch(tmp_path):
     metrics.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')  # the disk filled mid-line
     assert read_history(tmp_path, 2) == [{"epoch": 1}, {"epoch": 2}]  # what --resume reads
     assert read_history(tmp_path) == [{"epoch": 1}, {"epoch": 2}]  # evaluate, figures
-    metrics.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')  # damage inside: an error
-    with pytest.raises(CorruptFile, match="metrics.jsonl cannot be read"):
-        read_history(tmp_path)
+    for damaged in ('{"epoch": 1}\n{"epo\n{"epoch": 3}\n', '{"epoch": 1}\nnull\n'):
+        metrics.write_text(damaged)  # damage inside, or a line that is not an epoch: an error
+        with pytest.raises(CorruptFile, match="metrics.jsonl cannot be read"):
+            read_history(tmp_path)
     assert read_history(tmp_path / "none") == []
 
 

@@ -362,15 +362,16 @@ def _device(name: str):
 
 
 def _warn_if_slow_bf16(cfg: TrainConfig, device, say=print, resuming: bool = False) -> None:
-    """bf16 asked for on a CPU that has no native bf16 runs, but many times slower than fp32
-    (12× for training on an AVX2 CPU, docs/PERFORMANCE.md): say so before the long wait."""
-    from mnist_cnn.train import cpu_has_fast_bf16
+    """bf16 asked for where it is not native runs, but many times slower than fp32 (12× for
+    training on an AVX2 CPU, docs/PERFORMANCE.md): say so before the long wait."""
+    from mnist_cnn.train import has_native_bf16
 
-    if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+    if cfg.precision == "bf16" and not has_native_bf16(device):
+        which = ("this CPU has no native bf16 (AVX-512 BF16 or AMX)" if device.type == "cpu"
+                 else "this GPU has no native bf16 (it came with Ampere)")
         new_run = "a new run with " if resuming else ""
-        say("mnist-cnn: warning: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 runs "
-            f"many times slower than fp32 here; {new_run}--precision auto (the default) would "
-            "use fp32", file=sys.stderr)
+        say(f"mnist-cnn: warning: {which}, so bf16 runs many times slower than fp32 here; "
+            f"{new_run}--precision auto (the default) would use fp32", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -413,6 +414,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             _check_teacher(cfg.teacher, "this run's teacher (its config.json)")
     else:
         cfg = _config_from_args(args)
+        if cfg.model == "strong" and cfg.batch_size < 2 * dist.world:
+            raise UserError(f"--model strong in {dist.world} processes needs --batch-size "
+                            f"{2 * dist.world} or more: each process's share of a batch must hold "
+                            "2 images (batch norm)")
         run_dir = args.out or _new_run_dir()
         if dist.world > 1:  # every rank must write to rank 0's folder
             import torch.distributed as tdist

@@ -331,7 +331,7 @@ def _save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
 def read_history(run_dir: Path, epochs: int | None = None) -> list[dict]:
     """A run's metrics.jsonl, one dict per finished epoch; with `epochs`, the first that many
     only, and the lines after them (newer than the checkpoint: half a line, say, written as the
-    disk filled) are not read. A last line cut short is left out; other damage is an error."""
+    disk filled) are not parsed. A last line cut short is left out; other damage is an error."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -343,8 +343,11 @@ def read_history(run_dir: Path, epochs: int | None = None) -> list[dict]:
                 json.loads(lines[-1])
             except ValueError:  # a line cut short by a crash or a full disk: not an epoch
                 lines.pop()
-        return [json.loads(line) for line in lines]
-    except ValueError as e:  # not UTF-8, or not JSON
+        history = [json.loads(line) for line in lines]
+        if not all(isinstance(h, dict) for h in history):
+            raise ValueError("a line is not a JSON object")
+        return history
+    except ValueError as e:  # not UTF-8, not JSON, or not objects
         raise corrupt(path, "a run's metrics (a JSON object a line)", e) from None
 
 
