@@ -297,8 +297,9 @@ def _recipe_flags_given(args: argparse.Namespace) -> list[str]:
     return [f"--{n.replace('_', '-')}" for n in given]
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The recipe (defaults, or --fast) with every flag the user gave applied on top."""
+def _config_from_args(args: argparse.Namespace, world: int = 1) -> TrainConfig:
+    """The recipe (defaults, or --fast) with every flag the user gave applied on top, for a
+    training in `world` processes."""
     base = FAST if args.fast else DEFAULTS
     given = {name: getattr(args, name) for name in RECIPE_VALUES if getattr(args, name) is not None}
     if args.dropout is not None:
@@ -318,6 +319,9 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.model == "strong" and min(cfg.batch_size, cfg.train_subset or 2) < 2:
         raise UserError("--model strong trains with batch norm, which needs 2 images or more a "
                         "batch: give --batch-size and --train-subset of 2 or more")
+    if cfg.model == "strong" and cfg.batch_size < 2 * world:
+        raise UserError(f"--model strong in {world} processes needs --batch-size {2 * world} "
+                        "or more: each process's share of a batch must hold 2 images (batch norm)")
     if cfg.teacher is not None:
         # Absolute, so that resuming from another working folder still finds it.
         cfg = dataclasses.replace(cfg, teacher=str(_check_teacher(cfg.teacher, "--teacher")))
@@ -413,11 +417,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # the teacher must label the images again, and it may have moved since.
             _check_teacher(cfg.teacher, "this run's teacher (its config.json)")
     else:
-        cfg = _config_from_args(args)
-        if cfg.model == "strong" and cfg.batch_size < 2 * dist.world:
-            raise UserError(f"--model strong in {dist.world} processes needs --batch-size "
-                            f"{2 * dist.world} or more: each process's share of a batch must hold "
-                            "2 images (batch norm)")
+        cfg = _config_from_args(args, dist.world)
         run_dir = args.out or _new_run_dir()
         if dist.world > 1:  # every rank must write to rank 0's folder
             import torch.distributed as tdist
