@@ -12,7 +12,9 @@ gives now. For each finished run this prints validation and test accuracy and lo
 after, then totals. With --out, OUT gets for each run a folder with its config.json, metrics.jsonl
 (the last epoch's validation numbers replaced by the re-scored model's), the re-scored
 model.safetensors, report.json and figures; for an ensemble, also the ensemble's report.json and
-figures. The original folders are not touched. Models without batch norm are unchanged.
+figures, scored as its ensemble.json says (with test-time augmentation if it was made with it:
+seven times the inference). The original folders are not touched. Models without batch norm are
+unchanged.
 """
 
 import argparse

@@ -7,7 +7,8 @@ checkpoint holds the last epoch's weights (the weight average when the run kept 
 made before `select` existed can be re-scored with them. OUT gets, for each run, a run folder
 with the original config.json (select set to "last"), metrics.jsonl, a model.safetensors taken
 from the checkpoint, and a fresh report.json and figures; for an ensemble, also the ensemble's
-report.json and figures. The original folders are not touched.
+report.json and figures, scored as its ensemble.json says (with test-time augmentation if it
+was made with it: seven times the inference). The original folders are not touched.
 """
 
 import dataclasses

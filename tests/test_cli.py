@@ -110,6 +110,9 @@ def test_padding_with_the_strong_model_is_noted_and_ignored(capsys):
     args = build_parser().parse_args(["train", "--model", "strong", "--padding", "valid"])
     assert _config_from_args(args).model == "strong"
     assert "--padding applies to the reference model" in capsys.readouterr().err
+    # Under torchrun only the first process says it.
+    assert _config_from_args(args, world=2, main=False).model == "strong"
+    assert capsys.readouterr().err == ""
 
 
 def test_an_output_folder_that_cannot_be_made_is_refused_at_once(tmp_path, capsys, monkeypatch):
@@ -251,7 +254,8 @@ def test_recipe_flags_reach_the_config(tmp_path):
     args = build_parser().parse_args(
         ["train", "--model", "strong", "--max-shift", "2", "--max-scale", "0.1", "--elastic", "34",
          "--elastic-sigma", "5", "--label-smoothing", "0.1", "--ema", "0",
-         "--weight-decay", "0.05", "--max-thickness", "0.5", "--max-shear", "0.2"]
+         "--weight-decay", "0.05", "--max-thickness", "0.5", "--max-shear", "0.2",
+         "--cutout", "6"]
     )
     cfg = _config_from_args(args)
     assert (cfg.model, cfg.max_shift, cfg.max_scale, cfg.elastic, cfg.elastic_sigma) == (
@@ -259,7 +263,7 @@ def test_recipe_flags_reach_the_config(tmp_path):
     )
     assert cfg.label_smoothing == 0.1 and cfg.ema == 0 and cfg.dropout == (0.2, 0.2)
     assert cfg.weight_decay == 0.05 and cfg.max_thickness == 0.5 and cfg.max_shear == 0.2
-    assert cfg.teacher is None
+    assert cfg.cutout == 6 and cfg.teacher is None
 
     run = tmp_path / "run"
     run.mkdir()

@@ -2,6 +2,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import load_script
 
@@ -9,12 +10,12 @@ from mnist_cnn.cli import main
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.ensemble import ensemble_probas, member_dirs
 from mnist_cnn.model import StrongCNN, count_params
-from mnist_cnn.train import train
+from mnist_cnn.train import loss_and_accuracy, train
 
 TINY = ["--epochs", "1", "--train-subset", "1500", "--batch-size", "128", "--precision", "fp32"]
 
 
-def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
+def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, mnist, capsys):
     folder = tmp_path / "ens"
     args = ["ensemble", "--models", "2", *TINY, "--out", str(folder), "--data-dir", str(data_dir)]
     assert main(args) == 0
@@ -24,7 +25,9 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
     # Each member keeps its own best epoch; the ensemble has none of its own.
     members = [json.loads((run / "report.json").read_text()) for run in member_dirs(folder)]
     assert report["member_best_epoch"] == [m["best_epoch"] for m in members]
-    assert report["best_epoch"] is None and "kept epoch 1, 1 of 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert report["best_epoch"] is None and "kept epoch 1, 1 of 1" in out
+    assert "members (test-time augmentation): " in out
     for run in member_dirs(folder):
         assert (run / "report.json").exists() and (run / "model.safetensors").exists()
     for name in ("random_results.png", "wrong_results.png", "confusion_matrix.png",
@@ -50,14 +53,25 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, capsys):
     assert again["test_accuracy"] == report["test_accuracy"]
     assert again["test_errors"] == report["test_errors"]
 
-    # Test-time augmentation can be switched on when evaluating; the ensemble itself is unchanged.
-    tta_out = tmp_path / "eval_tta"
-    assert main(["evaluate", str(folder), "--tta", "on", "--out", str(tta_out),
+    # The reference model's ensemble scores its members and their average through test-time
+    # augmentation by default; each member is scored the way the ensemble is.
+    runs, cpu = member_dirs(folder), torch.device("cpu")
+    assert report["tta"] is True and json.loads((folder / "ensemble.json").read_text())["tta"]
+    for run, accuracy, val_accuracy in zip(runs, report["member_test_accuracy"],
+                                           report["member_val_accuracy"], strict=True):
+        test, val = ensemble_probas([run], [mnist.test_images, mnist.val_images], cpu, tta=True)
+        assert accuracy == loss_and_accuracy(test, mnist.test_labels)[1]
+        assert val_accuracy == loss_and_accuracy(val, mnist.val_labels)[1]
+    assert report["member_val_accuracy"] != [m["val_accuracy"] for m in members]  # not plain
+    # Switched off when evaluating: the members' numbers are their own reports'; the ensemble
+    # folder itself is unchanged.
+    plain_out = tmp_path / "eval_plain"
+    assert main(["evaluate", str(folder), "--tta", "off", "--out", str(plain_out),
                  "--data-dir", str(data_dir)]) == 0
-    tta_report = json.loads((tta_out / "report.json").read_text())
-    assert tta_report["tta"] is True and report["tta"] is False
-    assert tta_report["val_accuracy"] != report["val_accuracy"]
-    assert json.loads((folder / "ensemble.json").read_text())["tta"] is False
+    plain = json.loads((plain_out / "report.json").read_text())
+    assert plain["tta"] is False and plain["val_accuracy"] != report["val_accuracy"]
+    assert plain["member_test_accuracy"] == [m["test_accuracy"] for m in members]
+    assert json.loads((folder / "ensemble.json").read_text())["tta"] is True
 
     # The results tables' script reads an ensemble folder and a plain run folder alike.
     summarize = load_script("summarize_runs").summarize
@@ -129,7 +143,7 @@ def test_keep_last_epoch_rescores_an_old_best_epoch_ensemble(tmp_path, data_dir)
 
     folder, out = tmp_path / "ens", tmp_path / "last"
     assert main(["ensemble", "--models", "1", *TINY, "--epochs", "2", "--select", "best",
-                 "--out", str(folder), "--data-dir", str(data_dir)]) == 0
+                 "--no-tta", "--out", str(folder), "--data-dir", str(data_dir)]) == 0
     script = Path(__file__).parents[1] / "scripts" / "keep_last_epoch.py"
     env = os.environ | {"MNIST_DATA_DIR": str(data_dir)}
     subprocess.run([sys.executable, str(script), str(folder), str(out)], check=True, env=env)
@@ -140,6 +154,11 @@ def test_keep_last_epoch_rescores_an_old_best_epoch_ensemble(tmp_path, data_dir)
     assert report["select"] == "last" and report["member_test_accuracy"] == [
         member["test_accuracy"]
     ]
+    assert report["tta"] is False  # --no-tta: the reference model's default turned off
+    # Continued without the flag, an ensemble keeps the scoring it was made with.
+    assert main(["ensemble", "--models", "1", *TINY, "--epochs", "2", "--select", "best",
+                 "--out", str(folder), "--data-dir", str(data_dir)]) == 0
+    assert json.loads((folder / "report.json").read_text())["tta"] is False
     # The source is untouched and still says it kept the best epoch.
     assert json.loads((folder / "report.json").read_text())["select"] == "best"
 
@@ -179,3 +198,21 @@ def test_val_test_agreement_pairs_same_seed_runs_of_different_folders(tmp_path):
     # Loss: a-b a lower, b better on test (disagree); a-c c lower, c better (agree); b-c c
     # lower, b better (disagree).
     assert line["val_loss"] == {"agree": 1, "disagree": 2, "test_equal": 0}
+
+
+def test_padding_does_not_split_a_strong_ensemble(tmp_path, mnist):
+    # The strong model has its own padding: a member begun with --padding valid continues
+    # without it; any other difference is still refused, before anything trains.
+    from mnist_cnn.ensemble import RecipeMismatch, train_members
+
+    strong = TrainConfig(model="strong", epochs=1, train_subset=300, precision="fp32")
+    folder = tmp_path / "ens"
+    for k, change in enumerate((dict(padding="valid"), dict(lr=0.004))):
+        (folder / f"member-{k}").mkdir(parents=True)
+        dataclasses.replace(strong, seed=k, **change).save(folder / f"member-{k}" / "config.json")
+    with pytest.raises(RecipeMismatch) as mismatch:
+        train_members(strong, folder, 2, mnist, torch.device("cpu"), progress=False)
+    assert "member-1 was trained with other settings: lr 0.004 (asked: 0.002)" in str(
+        mismatch.value
+    )
+    assert not (folder / "ensemble.json").exists()

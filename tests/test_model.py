@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from mnist_cnn.augment import (
+    cutout,
     rotate,
     sample_angles,
+    sample_cutout,
     sample_displacement,
     sample_thickness,
     sample_transforms,
@@ -159,3 +161,19 @@ def test_thicken_blends_towards_grey_dilation_and_erosion():
     assert out.min() >= 0 and out.max() <= 1
     amounts = sample_thickness(1000, 0.5, torch.Generator().manual_seed(0))
     assert amounts.abs().max() <= 0.5 and amounts.min() < -0.45 and amounts.max() > 0.45
+
+
+def test_cutout_erases_a_square_to_background_clipped_at_the_edge():
+    images = torch.rand(3, 1, 28, 28) + 0.5  # no pixel is background yet
+    centres = torch.tensor([[14.0, 14.0], [0.0, 0.0], [27.9, 5.2]])
+    out = cutout(images, centres, 8)
+    erased = out == 0
+    # Centre (14, 14): pixels 10-17 on both axes, 8 x 8, and nothing else.
+    assert erased[0, 0, 10:18, 10:18].all() and erased[0].sum() == 64
+    # At a corner a quarter of the square is inside; near the right edge half of it (4 x 8).
+    assert erased[1, 0, :4, :4].all() and erased[1].sum() == 16
+    assert erased[2, 0, 1:9, 24:].all() and erased[2].sum() == 32
+    torch.testing.assert_close(out[~erased], images[~erased])  # the rest untouched
+    centres = sample_cutout(1000, 28, torch.Generator().manual_seed(0))
+    assert centres.min() >= 0 and centres.max() < 28
+    assert centres.min() < 0.1 and centres.max() > 27.9  # the whole image, edges included

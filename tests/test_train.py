@@ -154,11 +154,13 @@ def test_one_cycle_schedule():
     assert all(lr_at(s, 100, cfg) >= lr_at(s + 1, 100, cfg) for s in range(25, 100))
 
 
-def test_elastic_distortion_thickness_and_shear_train_and_change_the_run(mnist, tmp_path):
+def test_elastic_distortion_thickness_shear_and_cutout_train_and_change_the_run(mnist, tmp_path):
     quiet = dict(progress=False, log=lambda s: None)
     one = dataclasses.replace(TINY, epochs=1)
     plain = train(one, tmp_path / "plain", mnist, CPU, **quiet)
-    for change in (dict(elastic=34.0), dict(max_thickness=0.5), dict(max_shear=0.2)):
+    for change in (
+        dict(elastic=34.0), dict(max_thickness=0.5), dict(max_shear=0.2), dict(cutout=8.0)
+    ):
         name = next(iter(change))
         changed = train(dataclasses.replace(one, **change), tmp_path / name, mnist, CPU, **quiet)
         assert changed[0]["val_accuracy"] > 0.5  # 1,500 images, one epoch: well above chance
@@ -449,6 +451,24 @@ def test_a_run_begun_with_other_batches_resumes_with_them(mnist, tmp_path, monke
     assert without_time(resumed) == without_time(before)
     now = train(cfg, tmp_path / "now", mnist, CPU, **quiet)  # 12 batches, the last of 129
     assert without_time(now) != without_time(before)
+
+
+def test_a_strong_run_whose_last_batch_more_processes_cannot_share_is_refused(mnist, tmp_path):
+    # Begun in one process with a last batch of 2, resumed in 2 processes it would give one of
+    # them a single image (batch norm): refused before the processes are tied together.
+    from mnist_cnn.config import CannotResume
+    from mnist_cnn.train import Dist
+
+    cfg = dataclasses.replace(TINY, model="strong", epochs=1, train_subset=258)  # 128, 128, 2
+    run = tmp_path / "s"
+    train(cfg, run, mnist, CPU, progress=False, log=lambda s: None)
+    longer = dataclasses.replace(cfg, epochs=2)
+    with pytest.raises(CannotResume, match="last batch of 2 images, which 2 processes cannot "
+                       r"share .* resume it in 1 process or fewer"):
+        train(longer, run, mnist, CPU, resume=True, dist=Dist(rank=0, world=2), progress=False)
+    # In one process it goes on.
+    history = train(longer, run, mnist, CPU, resume=True, progress=False, log=lambda s: None)
+    assert [h["epoch"] for h in history] == [1, 2]
 
 
 def test_auto_precision_on_a_gpu_is_native_bf16_or_fp32(monkeypatch):

@@ -5,10 +5,12 @@ about the image centre; pixels that come in from outside the image are 0, MNIST'
 An optional elastic distortion (Simard et al., 2003: a random displacement field smoothed by a
 Gaussian) is added to the same grid, so it costs no second resampling. A stroke-thickness
 change (a blend towards a 3×3 grey dilation or erosion, before the resampling) imitates thicker
-and thinner pens. The reference project used rotation only (±20°); the default recipe adds a
-shift of up to ±2 pixels and widens the rotation to ±25° for the reference layers (config.py);
-scale, shear, elastic distortion and thickness are there to try. Parameters come from an
-explicit `torch.Generator` on the CPU, so a seed fixes every transform on every device.
+and thinner pens, and cutout (DeVries and Taylor, 2017) erases a random square of the result to
+background, so no single stroke can be relied on. The reference project used rotation only
+(±20°); the default recipe adds a shift of up to ±2 pixels and widens the rotation to ±25° for
+the reference layers (config.py); scale, shear, elastic distortion, thickness and cutout are
+there to try. Parameters come from an explicit `torch.Generator` on the CPU, so a seed fixes
+every transform on every device.
 """
 
 from __future__ import annotations
@@ -88,6 +90,29 @@ def thicken(images: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
     grown = F.max_pool2d(images, 3, stride=1, padding=1)
     shrunk = -F.max_pool2d(-images, 3, stride=1, padding=1)
     return images + a.clamp(min=0) * (grown - images) + (-a).clamp(min=0) * (shrunk - images)
+
+
+def sample_cutout(
+    n: int, image_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """[n, 2] cutout centres (x, y) in pixels, uniform over the whole image (for `cutout`): a
+    square centred near the edge is partly outside, so some images lose less, as in DeVries
+    and Taylor's cutout."""
+    return torch.rand((n, 2), generator=generator) * image_size
+
+
+def cutout(images: torch.Tensor, centres: torch.Tensor, size: float) -> torch.Tensor:
+    """Set a size × size square of float images [N, 1, H, W] to 0 (background), one per
+    image, centred at `centres` [N, 2] (x, y; pixel i spans [i, i + 1)): every pixel whose
+    centre lies within size / 2 of the square's centre along both axes."""
+    c = centres.to(device=images.device, dtype=images.dtype)
+    height, width = images.shape[-2:]
+    cols = torch.arange(width, device=images.device, dtype=images.dtype) + 0.5
+    rows = torch.arange(height, device=images.device, dtype=images.dtype) + 0.5
+    inside_x = (cols[None, :] - c[:, 0:1]).abs() < size / 2  # [N, W]
+    inside_y = (rows[None, :] - c[:, 1:2]).abs() < size / 2  # [N, H]
+    erased = inside_y[:, :, None] & inside_x[:, None, :]  # [N, H, W]
+    return images.masked_fill(erased[:, None], 0.0)
 
 
 def transform(

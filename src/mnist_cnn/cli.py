@@ -13,7 +13,15 @@ import time
 from pathlib import Path
 
 from mnist_cnn import __version__
-from mnist_cnn.config import FAST, MODEL_NAMES, CorruptFile, DataError, TrainConfig
+from mnist_cnn.config import (
+    FAST,
+    MODEL_NAMES,
+    TTA_BY_DEFAULT,
+    CannotResume,
+    CorruptFile,
+    DataError,
+    TrainConfig,
+)
 
 DEFAULTS = TrainConfig()
 
@@ -119,6 +127,9 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                    help="random stroke thickness change uniform in ±T, T at most 1 (1: a 3x3 "
                         "dilation, one pixel wider each side; -1 an erosion) (default: "
                         f"{d.max_thickness:g}, off)")
+    t.add_argument("--cutout", type=_nonnegative, metavar="PX",
+                   help="erase a random PX x PX square of each training image to background "
+                        f"(cutout) (default: {d.cutout:g}, off)")
     t.add_argument("--clean-epochs", type=_nonnegative_int, metavar="K",
                    help="train the last K epochs without augmentation (default: for the "
                         "reference model a tenth of the epochs, rounded down, "
@@ -190,8 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         "interrupted ensemble.",
     )
     en.add_argument("--models", type=_positive(int), default=3, help="members (default: 3)")
-    en.add_argument("--tta", action="store_true",
-                    help="test-time augmentation: also average over small shifts and rotations")
+    en.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                    help="test-time augmentation: score each member on the image and six copies "
+                         "shifted by a pixel or turned by 8 degrees, averaged (default: on for "
+                         "the reference model, off for strong, as chosen on validation; an "
+                         "ensemble continued without either flag keeps its own)")
     _add_recipe(en)
     en.add_argument("--out", metavar="DIR", type=Path,
                     help="ensemble folder (default: a new folder under runs/)")
@@ -285,7 +299,7 @@ def _new_run_dir() -> Path:
 # The recipe flags whose value replaces the recipe's (defaults, or --fast); unset ones are None.
 RECIPE_VALUES = ("model", "width", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
                  "seed", "max_rotation", "max_shift", "max_scale", "max_shear", "elastic",
-                 "elastic_sigma", "max_thickness", "clean_epochs", "padding", "ema",
+                 "elastic_sigma", "max_thickness", "cutout", "clean_epochs", "padding", "ema",
                  "label_smoothing", "select", "precision", "train_subset", "teacher",
                  "teacher_weight", "teacher_temperature", "dropout")
 
@@ -297,9 +311,11 @@ def _recipe_flags_given(args: argparse.Namespace) -> list[str]:
     return [f"--{n.replace('_', '-')}" for n in given]
 
 
-def _config_from_args(args: argparse.Namespace, world: int = 1) -> TrainConfig:
+def _config_from_args(
+    args: argparse.Namespace, world: int = 1, main: bool = True
+) -> TrainConfig:
     """The recipe (defaults, or --fast) with every flag the user gave applied on top, for a
-    training in `world` processes."""
+    training in `world` processes (`main`: this is the one that prints notes)."""
     base = FAST if args.fast else DEFAULTS
     given = {name: getattr(args, name) for name in RECIPE_VALUES if getattr(args, name) is not None}
     if args.dropout is not None:
@@ -309,8 +325,8 @@ def _config_from_args(args: argparse.Namespace, world: int = 1) -> TrainConfig:
     cfg = dataclasses.replace(base, **given)
     if cfg.width != 1 and cfg.model != "strong":
         raise UserError("--width applies to --model strong only (the reference layers are fixed)")
-    if args.padding is not None and cfg.model != "reference":
-        # A note, not an error: an ensemble begun with it continues with the same flags.
+    if args.padding is not None and cfg.model != "reference" and main:
+        # A note, not an error: an ensemble begun with it continues with or without it.
         print("mnist-cnn: note: --padding applies to the reference model; the strong model's "
               "convolutions have their own", file=sys.stderr)
     if cfg.max_scale >= 1:
@@ -417,7 +433,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # the teacher must label the images again, and it may have moved since.
             _check_teacher(cfg.teacher, "this run's teacher (its config.json)")
     else:
-        cfg = _config_from_args(args, dist.world)
+        cfg = _config_from_args(args, dist.world, dist.main)
         run_dir = args.out or _new_run_dir()
         if dist.world > 1:  # every rank must write to rank 0's folder
             import torch.distributed as tdist
@@ -558,7 +574,13 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"
           f"{cfg.seed + args.models - 1} → {folder}", file=sys.stderr)
     try:
-        train_members(cfg, folder, args.models, data, device, args.tta,
+        if args.tta is not None:
+            tta = args.tta
+        elif is_ensemble(folder):  # continued: scored as it was made (its numbers stay its own)
+            tta = bool(json.loads((folder / "ensemble.json").read_text()).get("tta"))
+        else:
+            tta = TTA_BY_DEFAULT[cfg.model]
+        train_members(cfg, folder, args.models, data, device, tta,
                       progress=sys.stderr.isatty(), log=lambda s: print(s, flush=True))
     except RecipeMismatch as e:
         raise UserError(str(e)) from None
@@ -569,7 +591,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
               f"Continue with {again} (it reuses them).", file=sys.stderr)
         return 130
     report = write_ensemble_report(folder, folder, data, device)
-    print(f"members: {', '.join(f'{100 * a:.2f}%' for a in report['member_test_accuracy'])} "
+    print(f"members{' (test-time augmentation)' if tta else ''}: "
+          f"{', '.join(f'{100 * a:.2f}%' for a in report['member_test_accuracy'])} "
           f"(mean {100 * report['member_test_accuracy_mean']:.3f}%)")
     _print_report(report, folder)
     return 0
@@ -682,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                     "serve": cmd_serve, "bench": cmd_bench, "ensemble": cmd_ensemble}
         return commands[args.command](args)
-    except (UserError, DataError, CorruptFile) as e:
+    except (UserError, DataError, CorruptFile, CannotResume) as e:
         print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader left (`mnist-cnn predict *.png | head`): end quietly

@@ -19,6 +19,10 @@ class CorruptFile(ValueError):
     """A run folder's file that cannot be read: truncated, edited, or another model's."""
 
 
+class CannotResume(Exception):
+    """A run that cannot go on as it began under the launch asked for; the message says how."""
+
+
 def corrupt(path: Path, what: str, error: Exception) -> CorruptFile:
     """The one-line error for `path`, with the first line of the reader's own complaint."""
     text = str(error).strip()
@@ -30,6 +34,13 @@ def corrupt(path: Path, what: str, error: Exception) -> CorruptFile:
 # the command line can offer them without importing it: `--help` answers at once, and a Ctrl-C
 # while torch loads is the command's to report.
 MODEL_NAMES = ("reference", "strong")
+
+# Whether `mnist-cnn ensemble` scores its members and their average through test-time
+# augmentation (ensemble.TTA: the image and six shifted or turned copies) unless told: for the
+# reference layers yes (it read more validation images right on each of five seeds), for the
+# strong model no (the five together read validation the same with and without it, twice).
+# docs/RESULTS.md has the numbers.
+TTA_BY_DEFAULT = {"reference": True, "strong": False}
 
 
 @dataclass
@@ -90,6 +101,7 @@ class TrainConfig:
     elastic: float = 0.0  # elastic distortion strength alpha in pixels (0: off; Simard used 34)
     elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
     max_thickness: float = 0.0  # stroke thickness change, uniform in ±this (1: ±a pixel; 0: off)
+    cutout: float = 0.0  # side in pixels of a random square erased from each image (0: off)
     # The last clean_epochs epochs train on the images as they are: the augmentation regularizes
     # the long middle of the schedule, and its low-learning-rate end then fits the digits as they
     # are written (0: augment every epoch). None, the default: for the reference layers a tenth

@@ -21,6 +21,7 @@ from mnist_cnn.evaluate import load_run, read_history, save_report, write_report
 from mnist_cnn.train import (
     inference_precision,
     kept_teacher_probabilities,
+    loss_and_accuracy,
     predict_proba,
     run_finished,
     teacher_probabilities,
@@ -78,8 +79,11 @@ def train_members(
             # As written to config.json: settings left to their default are resolved there.
             saved = TrainConfig.load(saved_path).to_json()
             wanted = member_cfg.to_json()
+            # The strong model has its own padding: a --padding given to one command and not the
+            # other changes nothing it trains.
+            moot = {"padding"} if cfg.model == "strong" else set()
             diff = [f"{key} {saved[key]} (asked: {wanted[key]})"
-                    for key in saved if saved[key] != wanted[key]]
+                    for key in saved if saved[key] != wanted[key] and key not in moot]
             if diff:
                 raise RecipeMismatch(
                     f"{folder / name} was trained with other settings: {', '.join(diff)}; "
@@ -112,21 +116,33 @@ def train_members(
     return [folder / name for name in names]
 
 
-def ensemble_probas(
+def member_probas(
     runs: list[Path], image_sets: list[torch.Tensor], device: torch.device, tta: bool = False
-) -> list[torch.Tensor]:
-    """For each set of uint8 images, the members' softmax outputs (over the TTA views when on),
-    averaged. Each member is loaded once for all the sets."""
-    totals = [torch.zeros(len(images), 10) for images in image_sets]
+) -> list[list[torch.Tensor]]:
+    """For each member, for each set of uint8 images, its softmax outputs (averaged over the TTA
+    views when on). Each member is loaded once for all the sets."""
     views = TTA if tta else TTA[:1]
+    outputs = []
     for run in runs:
         cfg, model = load_run(run, device)
         amp = inference_precision(cfg.precision, device)
-        for images, total in zip(image_sets, totals, strict=True):
+        sets = []
+        for images in image_sets:
+            total = torch.zeros(len(images), 10)
             for k, view in enumerate(views):
                 x = images if k == 0 else tta_view(images, view)  # view 0 is the identity
                 total += predict_proba(model, x, device, amp)
-    return [total / (len(runs) * len(views)) for total in totals]
+            sets.append(total / len(views))
+        outputs.append(sets)
+    return outputs
+
+
+def ensemble_probas(
+    runs: list[Path], image_sets: list[torch.Tensor], device: torch.device, tta: bool = False
+) -> list[torch.Tensor]:
+    """For each set of uint8 images, the members' softmax outputs (`member_probas`), averaged."""
+    members = member_probas(runs, image_sets, device, tta)
+    return [sum(m[i] for m in members) / len(members) for i in range(len(image_sets))]
 
 
 def tta_view(images: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
@@ -146,10 +162,12 @@ def write_ensemble_report(
     runs = member_dirs(folder)
     members = [json.loads((r / "report.json").read_text()) for r in runs]
     first = TrainConfig.load(runs[0] / "config.json")
-    accs = [m["test_accuracy"] for m in members]
-    test_proba, val_proba = ensemble_probas(
-        runs, [data.test_images, data.val_images], device, spec["tta"]
-    )
+    outputs = member_probas(runs, [data.test_images, data.val_images], device, spec["tta"])
+    test_proba = sum(m[0] for m in outputs) / len(outputs)
+    val_proba = sum(m[1] for m in outputs) / len(outputs)
+    # Each member scored as the ensemble is (through the same views when TTA is on); the
+    # members' own report.json files score them without TTA, as `mnist-cnn train` does.
+    accs = [loss_and_accuracy(m[0], data.test_labels)[1] for m in outputs]
     return save_report(
         out, test_proba, val_proba, data, [read_history(r) for r in runs],
         sum(m["params"] for m in members),
@@ -160,6 +178,7 @@ def write_ensemble_report(
             "member_test_accuracy": accs,
             "member_test_accuracy_mean": sum(accs) / len(accs),
             "member_test_accuracy_min": min(accs),
+            "member_val_accuracy": [loss_and_accuracy(m[1], data.val_labels)[1] for m in outputs],
             "train_seconds": round(sum(m["train_seconds"] for m in members), 2),
             "seeds": [m.get("seed") for m in members],
         },

@@ -29,13 +29,15 @@ from torch import nn
 from tqdm import tqdm
 
 from mnist_cnn.augment import (
+    cutout,
+    sample_cutout,
     sample_displacement,
     sample_thickness,
     sample_transforms,
     thicken,
     transform,
 )
-from mnist_cnn.config import TrainConfig, corrupt, write_atomic
+from mnist_cnn.config import CannotResume, TrainConfig, corrupt, write_atomic
 from mnist_cnn.data import MNIST, TRAIN_SIZE, normalize
 from mnist_cnn.model import build_model
 
@@ -480,6 +482,8 @@ def train(
     rank 0 after each epoch with the model that is validated (used by the benchmark).
     `teacher_probs`, with `cfg.teacher`: the teacher's probabilities for the training images,
     if the caller has them already (`teacher_probabilities`); else the teacher is asked.
+    A resumed run keeps the batches it began with; a strong-model run whose last batch the
+    processes cannot share with two images each (batch norm) raises CannotResume first.
     """
     dist = dist or Dist()
     if cfg.select not in ("last", "best"):
@@ -491,36 +495,45 @@ def train(
     model = prepare_model(cfg, device)
     ema = copy.deepcopy(model) if cfg.ema > 0 else None
     optimizer = make_optimizer(model, cfg)
+
+    train_x, train_y = training_images(cfg, data)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    n = len(train_x)
+    metrics_path = run_dir / "metrics.jsonl"
+    ckpt_path = run_dir / "checkpoint.safetensors"
+    steps_per_epoch = batches_per_epoch(n, cfg.batch_size, dist.world)
+    begun = _checkpoint_state(ckpt_path) if resume else {"epoch": 0}
+    if begun["epoch"] and begun["step"] != begun["epoch"] * steps_per_epoch:
+        # Begun with other batches (another number of processes, or before a last batch of
+        # one image joined the one before it): keep them, so it goes on as it began.
+        steps_per_epoch = begun["step"] // begun["epoch"]
+        last = n - (steps_per_epoch - 1) * cfg.batch_size
+        if cfg.model == "strong" and last // dist.world < 2 and last >= 2:
+            # Checked before any process waits on another: every one of them stops here. (A
+            # last batch of one image never finished an epoch: batch norm refused it.)
+            raise CannotResume(
+                f"{run_dir} began with a last batch of {last} images, which {dist.world} "
+                "processes cannot share with 2 or more each (batch norm): resume it in "
+                f"{last // 2} process{'es' if last // 2 > 1 else ''} or fewer"
+            )
+    total_steps = steps_per_epoch * cfg.epochs
     net = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    train_x, train_y = training_images(cfg, data)
-    train_x, train_y = train_x.to(device), train_y.to(device)
-    n = len(train_x)
-    steps_per_epoch = batches_per_epoch(n, cfg.batch_size, dist.world)
-    total_steps = steps_per_epoch * cfg.epochs
-
     soft = None
     if cfg.teacher:
         soft = _soft_targets(cfg, run_dir, train_x, device, resume, teacher_probs,
                              write=dist.main, log=log)
 
-    metrics_path = run_dir / "metrics.jsonl"
-    ckpt_path = run_dir / "checkpoint.safetensors"
     history: list[dict] = []
     state = {"epoch": 0, "step": 0, "best_val": -1.0, "best_epoch": 0, "train_seconds": 0.0}
     if resume:
         state = _load_checkpoint(ckpt_path, model, ema, optimizer, device)
         # Keep the metrics of finished epochs only (a line may be newer than the checkpoint).
         history = read_history(run_dir, state["epoch"])
-        if state["epoch"] and state["step"] != state["epoch"] * steps_per_epoch:
-            # Begun with other batches (another number of processes, or before a last batch
-            # of one image joined the one before it): keep them, so it goes on as it began.
-            steps_per_epoch = state["step"] // state["epoch"]
-            total_steps = steps_per_epoch * cfg.epochs
         log(f"Resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
     elif dist.main:
         cfg.save(run_dir / "config.json")
@@ -561,20 +574,27 @@ def train(
                 field = sample_displacement(
                     len(idx), train_x.shape[-1], cfg.elastic, cfg.elastic_sigma, gen
                 ) if augment and cfg.elastic > 0 else None
-                # Drawn last, so runs without it draw exactly what they did before it existed.
+                # Each drawn after those that existed before it, and only when on, so runs
+                # without it draw exactly what they did before it existed.
                 thick = sample_thickness(
                     len(idx), cfg.max_thickness, gen
                 ) if augment and cfg.max_thickness > 0 else None
+                holes = sample_cutout(
+                    len(idx), train_x.shape[-1], gen
+                ) if augment and cfg.cutout > 0 else None
                 if dist.world > 1:
                     idx = idx[dist.rank :: dist.world]
                     params = params[dist.rank :: dist.world] if params is not None else None
                     field = field[dist.rank :: dist.world] if field is not None else None
                     thick = thick[dist.rank :: dist.world] if thick is not None else None
+                    holes = holes[dist.rank :: dist.world] if holes is not None else None
                 x = train_x[idx].unsqueeze(1).float().div_(255.0)
                 if thick is not None:
                     x = thicken(x, thick)
                 if params is not None and resample:
                     x = transform(x, params, field)
+                if holes is not None:
+                    x = cutout(x, holes, cfg.cutout)
                 x = normalize(x).contiguous(memory_format=torch.channels_last)
                 y = train_y[idx]
                 lr = lr_at(step, total_steps, cfg)
