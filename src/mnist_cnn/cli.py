@@ -558,6 +558,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from mnist_cnn.ensemble import (
         RecipeMismatch,
         is_ensemble,
+        read_spec,
         train_members,
         write_ensemble_report,
     )
@@ -577,7 +578,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         if args.tta is not None:
             tta = args.tta
         elif is_ensemble(folder):  # continued: scored as it was made (its numbers stay its own)
-            tta = bool(json.loads((folder / "ensemble.json").read_text()).get("tta"))
+            tta = bool(read_spec(folder).get("tta"))
         else:
             tta = TTA_BY_DEFAULT[cfg.model]
         train_members(cfg, folder, args.models, data, device, tta,

@@ -41,15 +41,22 @@ def is_ensemble(folder: Path) -> bool:
     return (Path(folder) / "ensemble.json").is_file()
 
 
-def member_dirs(folder: Path) -> list[Path]:
+def read_spec(folder: Path) -> dict:
+    """An ensemble folder's ensemble.json: its members' folder names and whether it scores with
+    test-time augmentation ("tta")."""
     path = Path(folder) / "ensemble.json"
     try:
-        names = json.loads(path.read_text())["members"]
+        spec = json.loads(path.read_text())
+        names = spec["members"]
         if not names or not all(isinstance(n, str) for n in names):
             raise ValueError("no list of member folders")
     except (ValueError, TypeError, KeyError) as e:
         raise corrupt(path, "an ensemble's ensemble.json", e) from None
-    return [Path(folder) / name for name in names]
+    return spec
+
+
+def member_dirs(folder: Path) -> list[Path]:
+    return [Path(folder) / name for name in read_spec(folder)["members"]]
 
 
 def finished_runs(folder: Path) -> list[Path]:
@@ -137,12 +144,16 @@ def member_probas(
     return outputs
 
 
+def average(outputs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """For each set of images, the members' outputs (`member_probas`) averaged."""
+    return [sum(sets) / len(outputs) for sets in zip(*outputs, strict=True)]
+
+
 def ensemble_probas(
     runs: list[Path], image_sets: list[torch.Tensor], device: torch.device, tta: bool = False
 ) -> list[torch.Tensor]:
     """For each set of uint8 images, the members' softmax outputs (`member_probas`), averaged."""
-    members = member_probas(runs, image_sets, device, tta)
-    return [sum(m[i] for m in members) / len(members) for i in range(len(image_sets))]
+    return average(member_probas(runs, image_sets, device, tta))
 
 
 def tta_view(images: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
@@ -156,15 +167,14 @@ def write_ensemble_report(
 ) -> dict:
     """Score the averaged members on validation and test; report.json and figures into out.
     `tta` overrides the ensemble's own setting (evaluate --tta on|off)."""
-    spec = json.loads((folder / "ensemble.json").read_text())
+    spec = read_spec(folder)
     if tta is not None:
         spec["tta"] = tta
-    runs = member_dirs(folder)
+    runs = [Path(folder) / name for name in spec["members"]]
     members = [json.loads((r / "report.json").read_text()) for r in runs]
     first = TrainConfig.load(runs[0] / "config.json")
     outputs = member_probas(runs, [data.test_images, data.val_images], device, spec["tta"])
-    test_proba = sum(m[0] for m in outputs) / len(outputs)
-    val_proba = sum(m[1] for m in outputs) / len(outputs)
+    test_proba, val_proba = average(outputs)
     # Each member scored as the ensemble is (through the same views when TTA is on); the
     # members' own report.json files score them without TTA, as `mnist-cnn train` does.
     accs = [loss_and_accuracy(m[0], data.test_labels)[1] for m in outputs]
