@@ -46,9 +46,14 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
     for name in RUN_FILES[4:]:
         assert (out / name).exists()
 
-    # A second train into the same folder is refused with a hint, not overwritten.
+    # A second train into the same folder is refused, not overwritten (finished: no --resume).
     assert main(["train", "--epochs", "1", "--out", str(run), *args]) == 2
-    assert "--resume" in capsys.readouterr().err
+    assert "holds a finished run: choose another --out" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"  # its report not written yet: --resume writes it
+    shutil.copytree(run, unfinished)
+    (unfinished / "report.json").unlink()
+    assert main(["train", "--epochs", "1", "--out", str(unfinished), *args]) == 2
+    assert f"resume it with --resume {unfinished}" in capsys.readouterr().err
 
     # Resuming the finished run trains nothing and rewrites nothing: it says so, with its numbers.
     before = {name: (run / name).stat().st_mtime_ns for name in RUN_FILES}
@@ -61,8 +66,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
     # A finished run without its checkpoint (deleted to save space) is not trained over either.
     (run / "checkpoint.safetensors").unlink()
     assert main(["train", "--epochs", "1", "--out", str(run), *args]) == 2
-    assert "already holds model.safetensors and report.json" in (
-        capsys.readouterr().err)
+    assert "holds a finished run: choose another --out" in capsys.readouterr().err
     assert {name: (run / name).stat().st_mtime_ns for name in RUN_FILES} == before
 
     # Evaluating a run that stopped early says so (here: a config asking for one epoch more).
@@ -77,7 +81,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["evaluate", "/nonexistent/run"], "not a finished run folder"),
+        (["evaluate", "/nonexistent/run"], "/nonexistent/run does not exist"),
         (["evaluate", "/nonexistent/run", "--tta", "on"], "applies to ensemble folders"),
         (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
         (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
@@ -92,6 +96,11 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["train", "--max-scale", "1"], "give a fraction below 1"),
         (["train", "--model", "strong", "--train-subset", "1"], "2 images or more a batch"),
         (["train", "--model", "strong", "--batch-size", "1"], "2 images or more a batch"),
+        # Augmentation flags where there is no augmentation: refused, not silently dropped.
+        (["train", "--fast", "--max-rotation", "20", "--cutout", "4"],
+         "--max-rotation, --cutout have no effect with --fast"),
+        (["ensemble", "--no-augment", "--clean-epochs", "3"],
+         "--clean-epochs has no effect with --no-augment"),
     ],
 )
 def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):
@@ -163,7 +172,12 @@ def test_a_corrupt_run_folder_is_one_clear_line(tmp_path, capsys):
     assert "model.safetensors cannot be read as weights of the ReferenceCNN" in err
     assert "tensor" in err and "Traceback" not in err
     for text, why in (('{"epochs": 3,', "Expecting"), ("[1, 2]", "a JSON list, not an object"),
-                      ('{"model": "nope"}', "unknown model 'nope'")):  # edits gone wrong
+                      ('{"model": "nope"}', "model is 'nope', not one of reference, strong"),
+                      ('{"dropout": "x"}', "dropout is ['x'], not two rates"),
+                      ('{"dropout": [0.1]}', "dropout is [0.1], not two rates"),
+                      ('{"precision": "fp8"}', "precision is 'fp8'"),
+                      ('{"epochs": "3"}', "epochs is '3', not a number"),
+                      ('{"augment": 1}', "augment is 1, not true or false")):  # edits gone wrong
         (run / "config.json").write_text(text)
         assert main(["evaluate", str(run)]) == 2
         err = capsys.readouterr().err
@@ -201,7 +215,9 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
 @pytest.mark.parametrize("bad", [["--dropout", "0.3"], ["--dropout", "1.5,0.3"], ["--epochs", "0"],
                                  ["--max-thickness", "1.5"], ["--label-smoothing", "1.5"],
                                  ["--seed", "-1"], ["--seed", "20241129123456"],
-                                 ["--width", "1000"]])
+                                 ["--width", "1000"], ["--lr", "nan"], ["--lr", "inf"],
+                                 ["--max-shift", "inf"], ["--width", "nan"], ["--ema", "1"],
+                                 ["--ema", "1.5"], ["--weight-decay", "inf"]])
 def test_bad_flags_are_rejected_by_the_parser(bad, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", *bad])
@@ -304,6 +320,9 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
           str(a_file)], "is a file, not a folder"),
         (["ensemble", "--out", str(run)], "holds a single run, not an ensemble"),
         (["train", "--out", str(ens)], "is an ensemble folder"),
+        (["train", "--resume", str(ens)], "continue it with the mnist-cnn ensemble command"),
+        # Another run's folder as --out of evaluate: its report.json would describe our model.
+        (["evaluate", str(DEFAULT_MODEL), "--out", str(run)], "holds another run (config.json)"),
         (["evaluate", str(ens), *data], "member-0, member-1 not finished (or missing)"),
     ):
         assert main(argv) == 2, argv
@@ -315,11 +334,47 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
     err = capsys.readouterr().err
     assert "member-1 not finished" in err, err
     assert "to use its first member only, that command with --models 1" in err, err
-    for text in ('{"members":', "[]", '{"members": []}'):
+    for text in ('{"members":', "[]", '{"members": []}', '{"members": "member-0"}'):
         (ens / "ensemble.json").write_text(text)
         assert main(["evaluate", str(ens), *data]) == 2
         err = capsys.readouterr().err
         assert "cannot be read as an ensemble's ensemble.json" in err and "Traceback" not in err
+    # A finished member whose report.json lost a field it is read for.
+    (ens / "ensemble.json").write_text('{"members": ["member-0"]}')
+    report = json.loads((ens / "member-0" / "report.json").read_text())
+    del report["params"]
+    (ens / "member-0" / "report.json").write_text(json.dumps(report))
+    assert main(["evaluate", str(ens), *data]) == 2
+    err = capsys.readouterr().err
+    assert "report.json cannot be read as a run's report.json (no params)" in err, err
+    # A finished run as --out of train: nothing to resume, so not offered.
+    shutil.copytree(DEFAULT_MODEL, tmp_path / "done")
+    assert main(["train", "--out", str(tmp_path / "done"), *data]) == 2
+    assert "holds a finished run: choose another --out" in capsys.readouterr().err
+
+
+def test_evaluating_a_run_without_metrics_keeps_what_its_report_says(tmp_path, data_dir, capsys):
+    from mnist_cnn.predict import DEFAULT_MODEL
+
+    shipped = json.loads((DEFAULT_MODEL / "report.json").read_text())
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(DEFAULT_MODEL), "--out", str(out), "--data-dir",
+                 str(data_dir)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("epochs", "best_epoch", "train_seconds", "test_errors"):
+        assert report[key] == shipped[key], key
+    # No curves to draw: no empty figure (the other three are written).
+    assert not (out / "training_curves.png").exists() and (out / "wrong_results.png").is_file()
+    assert f"kept epoch {shipped['best_epoch']} of {shipped['epochs']}" in capsys.readouterr().out
+
+
+def test_under_torchrun_only_the_first_process_prints_a_mistake(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["evaluate", "/nonexistent/run"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["evaluate", "/nonexistent/run"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_dir, capsys,

@@ -123,6 +123,13 @@ def test_enormous_image_is_refused(monkeypatch):
         pp.preprocess(png(np.zeros((200, 200), np.uint8)))
 
 
+def test_an_image_over_pillows_own_limit_is_too_large_not_unreadable(monkeypatch):
+    # Pillow refuses images over twice its MAX_IMAGE_PIXELS before their size can be read.
+    monkeypatch.setattr(pp.Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(pp.ImageError, match="image is too large"):
+        pp.preprocess(png(np.zeros((30, 30), np.uint8)))
+
+
 def test_transparent_canvas_counts_as_white_paper():
     rgba = np.zeros((100, 100, 4), np.uint8)  # fully transparent
     rgba[20:80, 45:55] = (0, 0, 0, 255)  # opaque black bar
@@ -140,7 +147,9 @@ def test_predict_cli(tmp_path, mnist, capsys):
     files.insert(1, str(tmp_path / "bad.png"))
     files.append(str(tmp_path / "missing.png"))
     out_dir = tmp_path / "seen"
-    assert main(["predict", *files, "--json", "--save-preprocessed", str(out_dir)]) == 1
+    # A file name after an option is a file too (argparse alone took it for a stray argument).
+    assert main(["predict", *files[:-1], "--json", "--save-preprocessed", str(out_dir),
+                 files[-1]]) == 1
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
     assert [line["file"] for line in lines] == files
     assert [line.get("prediction") for line in lines] == [7, None, 2, 1, None]
@@ -299,7 +308,8 @@ def test_serve_help_says_the_checkpoint_default_once(capsys):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
     assert "RUN_DIR a run folder to use (default: the model shipped with the package) --" in text
-    assert "None" not in text
+    assert "None" not in text and "(default: cpu) (default: cpu)" not in text
+    assert "(default: cpu)" in text
 
 
 def test_a_reader_that_leaves_early_ends_predict_quietly(tmp_path):

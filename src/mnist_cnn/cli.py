@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from mnist_cnn import __version__
 from mnist_cnn.config import (
+    CHOICES,
     FAST,
     MODEL_NAMES,
     TTA_BY_DEFAULT,
@@ -42,19 +44,23 @@ def _dropout(text: str) -> tuple[float, float]:
     return p1, p2
 
 
-def _bounded(kind, low, inclusive: bool, high=None):
-    """An argparse type: a number of `kind` above `low` (or at least `low` when inclusive), and
-    at most `high` if given."""
+def _bounded(kind, low, inclusive: bool, high=None, below: bool = False):
+    """An argparse type: a finite number of `kind` above `low` (or at least `low` when
+    inclusive), and at most `high` if given (below `high` with `below`)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):  # nan passes every comparison below; inf trains to nan
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if value < low or (value == low and not inclusive):
             word = f"{low} or more" if inclusive else "positive"
             raise argparse.ArgumentTypeError(f"must be {word}, got {text!r}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be {high} or less, got {text!r}")
+        if high is not None and (value > high or (value == high and below)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'below ' if below else ''}{high}{'' if below else ' or less'}, "
+                f"got {text!r}")
         return value
 
     return parse
@@ -90,7 +96,7 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=_positive(int), help=f"epochs to train (default: {d.epochs})")
     t.add_argument("--batch-size", type=_positive(int),
                    help=f"images per training step (default: {d.batch_size})")
-    t.add_argument("--optimizer", choices=["adam", "sgd"],
+    t.add_argument("--optimizer", choices=CHOICES["optimizer"],
                    help="adam, or sgd with Nesterov momentum 0.9; both follow the one-cycle "
                         f"schedule (default: {d.optimizer})")
     t.add_argument("--lr", type=_positive(float),
@@ -138,13 +144,14 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--dropout", type=_dropout, metavar="P1,P2",
                    help="drop rates of the two dropout layers "
                         f"(default: {d.dropout[0]:g},{d.dropout[1]:g})")
-    t.add_argument("--padding", choices=["same", "valid"],
+    t.add_argument("--padding", choices=CHOICES["padding"],
                    help=f"the reference model's convolution padding; its table leaves it open "
                         f"(default: {d.padding})")
-    t.add_argument("--ema", type=_nonnegative, metavar="DECAY",
-                   help="decay of the weight moving average that is validated and saved; "
-                        f"0 turns it off (default: {d.ema})")
-    t.add_argument("--select", choices=["last", "best"],
+    t.add_argument("--ema", type=_bounded(float, 0, inclusive=True, high=1, below=True),
+                   metavar="DECAY",
+                   help="decay of the weight moving average that is validated and saved, "
+                        f"below 1; 0 turns it off (default: {d.ema})")
+    t.add_argument("--select", choices=CHOICES["select"],
                    help="which epoch's weights the run keeps: the last, or the best by "
                         f"validation accuracy (default: {d.select})")
     t.add_argument("--label-smoothing", type=_bounded(float, 0, inclusive=True, high=0.99),
@@ -160,29 +167,32 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                    help="with --teacher: divides the log of the teacher's probabilities and "
                         "the student's logits, which softens both "
                         f"(default: {d.teacher_temperature:g})")
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+    t.add_argument("--precision", choices=CHOICES["precision"],
                    help="auto = bf16 autocast where the hardware runs it fast, else fp32 "
                         f"(default: {d.precision})")
     t.add_argument("--train-subset", type=_positive(int), metavar="N",
                    help="train on the first N training images only (quick trials, tests)")
     t.add_argument("--fast", action="store_true",
                    help=f"the time-to-99%% recipe ({FAST.epochs} epochs, batch "
-                        f"{FAST.batch_size}, lr {FAST.lr}, no dropout, no augmentation, "
-                        f"EMA {FAST.ema}, label smoothing {FAST.label_smoothing}); other flags "
-                        "still apply")
+                        f"{FAST.batch_size}, lr {FAST.lr} with {100 * FAST.warmup:.0f}%% of "
+                        f"the steps warming up, no dropout, no augmentation, EMA {FAST.ema}, label "
+                        f"smoothing {FAST.label_smoothing}); other flags still apply, except "
+                        "augmentation flags (it has none to shape)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnist-cnn",
-        description="Train, evaluate and explain the reference MNIST CNN.",
+        description="Train, evaluate, explain and serve a CNN digit classifier on MNIST: the "
+        "reference project's layers (the default) or a stronger model (--model strong).",
     )
     parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser(
-        "train", help="train the reference CNN and write a run folder",
-        description="Train the reference CNN with the default recipe and write a run folder: "
+        "train", help="train a model and write a run folder",
+        description="Train the reference CNN (or --model strong) with the default recipe and "
+        "write a run folder: "
         "model.safetensors, config.json, metrics.jsonl, report.json and four figures. "
         "Checkpoints are saved after every epoch; Ctrl-C stops cleanly and --resume continues.",
     )
@@ -221,9 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e.add_argument("--out", metavar="DIR", type=Path,
                    help="where to write report.json and figures (default: RUN_DIR)")
-    e.add_argument("--tta", choices=["on", "off"],
-                   help="ensemble folders: score with or without test-time augmentation "
-                        "(default: as the ensemble was made)")
+    e.add_argument("--tta", choices=["on", "off"], nargs="?", const="on",
+                   help="ensemble folders: score with (--tta, --tta on) or without (--no-tta, "
+                        "--tta off) test-time augmentation (default: as the ensemble was made)")
+    e.add_argument("--no-tta", dest="tta", action="store_const", const="off",
+                   help=argparse.SUPPRESS)
     pr = sub.add_parser(
         "predict", help="classify digits in image files",
         description="Classify the digit in each image (PNG, JPEG, BMP, GIF, WebP; any size, "
@@ -269,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a run folder to use (default: the model shipped with the package)"
                          "%(default).0s")
     sv.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
-                    help="where to compute (default: cpu)")
+                    help="where to compute")
     return parser
 
 
@@ -304,6 +316,11 @@ RECIPE_VALUES = ("model", "width", "optimizer", "epochs", "batch_size", "lr", "w
                  "teacher_weight", "teacher_temperature", "dropout")
 
 
+# The recipe flags that shape the augmentation (moot without it).
+AUGMENT_VALUES = ("max_rotation", "max_shift", "max_scale", "max_shear", "elastic", "elastic_sigma",
+                  "max_thickness", "cutout", "clean_epochs")
+
+
 def _recipe_flags_given(args: argparse.Namespace) -> list[str]:
     """The recipe flags on the command line, as typed."""
     given = [n for n in RECIPE_VALUES if getattr(args, n) is not None]
@@ -323,6 +340,14 @@ def _config_from_args(
     if args.no_augment:
         given["augment"] = False
     cfg = dataclasses.replace(base, **given)
+    if not cfg.augment:
+        # Training would apply none of them while config.json recorded them: refuse instead.
+        moot = [f"--{n.replace('_', '-')}" for n in AUGMENT_VALUES if getattr(args, n) is not None]
+        if moot:
+            why = ("--no-augment" if args.no_augment
+                   else "--fast (its recipe trains without augmentation)")
+            raise UserError(f"{', '.join(moot)} {'has' if len(moot) == 1 else 'have'} no effect "
+                            f"with {why}: leave {'it' if len(moot) == 1 else 'them'} out")
     if cfg.width != 1 and cfg.model != "strong":
         raise UserError("--width applies to --model strong only (the reference layers are fixed)")
     if args.padding is not None and cfg.model != "reference" and main:
@@ -395,6 +420,7 @@ def _warn_if_slow_bf16(cfg: TrainConfig, device, say=print, resuming: bool = Fal
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mnist_cnn.ensemble import is_ensemble
     from mnist_cnn.evaluate import load_run, write_report
     from mnist_cnn.model import count_params
     from mnist_cnn.train import (
@@ -402,6 +428,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed_setup,
         kept_teacher_probabilities,
         prepare_model,
+        read_report,
         run_finished,
         train,
     )
@@ -416,6 +443,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--resume continues a run with the settings in its config.json; "
                             f"leave out {', '.join(ignored)} (or start a new run with --out)")
         run_dir = args.resume
+        if is_ensemble(run_dir):
+            raise UserError(f"{run_dir} is an ensemble folder: continue it with the mnist-cnn "
+                            "ensemble command that made it (it resumes its members)")
         for name in ("checkpoint.safetensors", "config.json"):
             if not (run_dir / name).is_file():
                 raise UserError(f"{run_dir} has no {name} to resume from")
@@ -423,8 +453,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if run_finished(run_dir):
             say(f"{run_dir} has finished all its epochs: nothing to resume", file=sys.stderr)
             if dist.main:
-                report = json.loads((run_dir / "report.json").read_text())
-                _print_report(report, run_dir, wrote=False)
+                _print_report(read_report(run_dir), run_dir, wrote=False)
             _end_distributed(dist)
             return 0
         _check_out(run_dir, "--resume")
@@ -444,6 +473,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _check_out(run_dir, "--out")
         if (run_dir / "ensemble.json").is_file():
             raise UserError(f"--out {run_dir} is an ensemble folder: choose another --out")
+        if run_finished(run_dir):
+            raise UserError(f"{run_dir} holds a finished run: choose another --out")
         if (run_dir / "checkpoint.safetensors").exists():
             raise UserError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
@@ -461,7 +492,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     params = count_params(prepare_model(cfg, device))
     say(
         f"Training {cfg.model} CNN ({params:,} parameters) on {device}"
-        f"{f' × {dist.world} processes' if dist.world > 1 else ''} for {cfg.epochs} epochs, "
+        f"{f' × {dist.world} processes' if dist.world > 1 else ''} for {cfg.epochs} "
+        f"epoch{'s' if cfg.epochs > 1 else ''}, "
         f"batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed} → {run_dir}",
         file=sys.stderr,
     )
@@ -519,6 +551,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or args.run_dir
     if args.out:
         _check_out(args.out, "--out")
+        held = [n for n in ("config.json", "ensemble.json") if (args.out / n).is_file()]
+        if held and os.path.realpath(args.out) != os.path.realpath(args.run_dir):
+            # Its report.json would then describe another model than the one beside it.
+            raise UserError(f"--out {args.out} holds another run ({held[0]}): its report.json "
+                            "would be overwritten; choose another --out")
     elif os.path.isdir(args.run_dir):  # else load_run says it is not a run folder
         _check_out(args.run_dir, "RUN_DIR", hint=" (give --out to write elsewhere)")
     if is_ensemble(args.run_dir):
@@ -534,7 +571,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"{args.run_dir}: {', '.join(unfinished)} not finished (or missing): run the "
                 f"mnist-cnn ensemble command that made it again, and it continues{smaller}")
         tta = None if args.tta is None else args.tta == "on"
-        report = write_ensemble_report(args.run_dir, out, _load_data(args), device, tta)
+        try:
+            report = write_ensemble_report(args.run_dir, out, _load_data(args), device, tta)
+        except FileNotFoundError as e:  # a member's weights deleted since it finished
+            raise UserError(str(e)) from None
         _print_report(report, out)
         return 0
     if args.tta is not None:
@@ -700,14 +740,22 @@ def _print_report(report: dict, out: Path, wrote: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "predict" and not any(e.startswith("-") for e in extra):
+            args.images += extra  # file names after an option: `predict a.png --json b.png`
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         # The commands import torch when they run (seconds): a Ctrl-C meanwhile is caught here.
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                     "serve": cmd_serve, "bench": cmd_bench, "ensemble": cmd_ensemble}
         return commands[args.command](args)
     except (UserError, DataError, CorruptFile, CannotResume) as e:
-        print(f"mnist-cnn: error: {e}", file=sys.stderr)
+        # Under torchrun every process meets the same mistake: one of them says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader left (`mnist-cnn predict *.png | head`): end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit

@@ -42,6 +42,10 @@ MODEL_NAMES = ("reference", "strong")
 # members alone were not read, and the reference five together tied too). docs/RESULTS.md.
 TTA_BY_DEFAULT = {"reference": True, "strong": False}
 
+# The settings that take one of a few words (the command line offers the same).
+CHOICES = {"model": MODEL_NAMES, "padding": ("same", "valid"), "optimizer": ("adam", "sgd"),
+           "select": ("last", "best"), "precision": ("auto", "fp32", "bf16")}
+
 
 @dataclass
 class TrainConfig:
@@ -144,7 +148,30 @@ class TrainConfig:
         d.setdefault("select", "best")  # what runs saved before `select` existed kept
         d.setdefault("clean_epochs", 0)  # and runs saved before `clean_epochs` augmented throughout
         d.setdefault("max_rotation", 20.0)  # the only default before the per-model one
-        return cls(**d)
+        cfg = cls(**d)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Raise ValueError for settings no run saves (a config.json edited by hand), before they
+        fail somewhere deep in training or scoring."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(f.default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name} is {value!r}, not true or false")
+            elif isinstance(f.default, (int, float)) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise ValueError(f"{f.name} is {value!r}, not a number")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} is {getattr(self, name)!r}, not one of "
+                                 f"{', '.join(allowed)}")
+        if len(self.dropout) != 2 or not all(
+            isinstance(p, (int, float)) and 0 <= p < 1 for p in self.dropout
+        ):
+            raise ValueError(f"dropout is {list(self.dropout)!r}, not two rates in [0, 1)")
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_json())

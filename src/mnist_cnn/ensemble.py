@@ -23,6 +23,7 @@ from mnist_cnn.train import (
     kept_teacher_probabilities,
     loss_and_accuracy,
     predict_proba,
+    read_report,
     run_finished,
     teacher_probabilities,
     train,
@@ -48,7 +49,7 @@ def read_spec(folder: Path) -> dict:
     try:
         spec = json.loads(path.read_text())
         names = spec["members"]
-        if not names or not all(isinstance(n, str) for n in names):
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
             raise ValueError("no list of member folders")
     except (ValueError, TypeError, KeyError) as e:
         raise corrupt(path, "an ensemble's ensemble.json", e) from None
@@ -171,7 +172,7 @@ def write_ensemble_report(
     if tta is not None:
         spec["tta"] = tta
     runs = [Path(folder) / name for name in spec["members"]]
-    members = [json.loads((r / "report.json").read_text()) for r in runs]
+    members = [read_report(r, needs=("params", "best_epoch", "train_seconds")) for r in runs]
     first = TrainConfig.load(runs[0] / "config.json")
     outputs = member_probas(runs, [data.test_images, data.val_images], device, spec["tta"])
     test_proba, val_proba = average(outputs)

@@ -24,12 +24,15 @@ from mnist_cnn.train import (
     predict_proba,
     prepare_model,
     read_history,
+    read_report,
 )
 
 
 def load_run(run_dir: Path, device: torch.device) -> tuple[TrainConfig, nn.Module]:
     """Rebuild the kept model of a run folder from its config.json and model.safetensors."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"{run_dir} does not exist")
     for name in ("config.json", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(
@@ -114,8 +117,14 @@ def write_report(
     """Score `model` on validation and test, write report.json and the four figures to out_dir."""
     amp = inference_precision(cfg.precision, device)
     history = read_history(run_dir) if history is None else history
+    extra = {"seed": cfg.seed, "model": cfg.model}
+    if not history and (run_dir / "report.json").is_file():
+        # No metrics.jsonl (the shipped model keeps none): its training, as its report says.
+        keys = ("epochs", "best_epoch", "train_seconds")
+        kept = read_report(run_dir, needs=keys)
+        extra |= {key: kept[key] for key in keys}
     return save_report(
         out_dir, predict_proba(model, data.test_images, device, amp),
         predict_proba(model, data.val_images, device, amp), data, [history], count_params(model),
-        {"seed": cfg.seed, "model": cfg.model}, cfg.seed, cfg.select,
+        extra, cfg.seed, cfg.select,
     )

@@ -144,4 +144,5 @@ def write_all(
     random_results(out_dir / "random_results.png", images, labels, probs, seed)
     wrong_results(out_dir / "wrong_results.png", images, labels, probs)
     confusion_matrix(out_dir / "confusion_matrix.png", matrix)
-    training_curves(out_dir / "training_curves.png", histories)
+    if any(histories):  # not for a model without metrics.jsonl (the shipped one)
+        training_curves(out_dir / "training_curves.png", histories)

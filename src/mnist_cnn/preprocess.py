@@ -89,7 +89,9 @@ def load_image(data: bytes, max_side: int | None = None) -> Image.Image:
         image.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own limit, met before the size is known
+        raise ImageError(f"image is too large (over the limit of {MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
         raise ImageError("not an image this tool can read (PNG, JPEG, BMP, GIF, WebP)") from None
     except Exception as e:  # decoders of untrusted bytes raise many kinds of errors
         raise ImageError(f"corrupt or truncated image ({e})") from None

@@ -367,15 +367,33 @@ def run_finished(run_dir: Path) -> bool:
     checkpoint (if kept) at the last one. report.json alone is not enough: `mnist-cnn evaluate`
     of a half-trained run writes one too."""
     run_dir = Path(run_dir)
-    report_path, ckpt = run_dir / "report.json", run_dir / "checkpoint.safetensors"
-    if not (report_path.is_file() and (run_dir / "config.json").is_file()):
+    ckpt = run_dir / "checkpoint.safetensors"
+    if not ((run_dir / "report.json").is_file() and (run_dir / "config.json").is_file()):
         return False
     epochs = TrainConfig.load(run_dir / "config.json").epochs
-    try:
-        reported = json.loads(report_path.read_text())["epochs"]
-    except (ValueError, TypeError, KeyError) as e:
-        raise corrupt(report_path, "a run's report.json", e) from None
+    reported = read_report(run_dir, needs=("epochs",))["epochs"]
     return reported == epochs and (not ckpt.is_file() or _checkpoint_state(ckpt)["epoch"] >= epochs)
+
+
+# What a run's report.json is read for (the command line's summary of it).
+REPORT_KEYS = ("test_accuracy", "test_errors", "val_accuracy", "epochs", "best_epoch",
+               "train_seconds")
+
+
+def read_report(run_dir: Path, needs: tuple[str, ...] = REPORT_KEYS) -> dict:
+    """A run folder's report.json; a damaged one, or one without the keys `needs`, is a
+    CorruptFile."""
+    path = Path(run_dir) / "report.json"
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict):
+            raise TypeError(f"a JSON {type(report).__name__}, not an object")
+        missing = [key for key in needs if key not in report]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except (ValueError, TypeError, KeyError) as e:
+        raise corrupt(path, "a run's report.json", e) from None
+    return report
 
 
 def _checkpoint_state(path: Path) -> dict:
