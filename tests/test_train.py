@@ -469,6 +469,13 @@ def test_a_strong_run_whose_last_batch_more_processes_cannot_share_is_refused(mn
     # In one process it goes on.
     history = train(longer, run, mnist, CPU, resume=True, progress=False, log=lambda s: None)
     assert [h["epoch"] for h in history] == [1, 2]
+    # The reference layers need one image a process (an empty share would give a nan loss).
+    ref = dataclasses.replace(TINY, epochs=1, train_subset=258)
+    train(ref, tmp_path / "r", mnist, CPU, progress=False, log=lambda s: None)
+    with pytest.raises(CannotResume, match="last batch of 2 images, which 3 processes cannot "
+                       r"share with 1 or more each: resume it in 2 processes or fewer"):
+        train(dataclasses.replace(ref, epochs=2), tmp_path / "r", mnist, CPU, resume=True,
+              dist=Dist(rank=0, world=3), progress=False)
 
 
 def test_auto_precision_on_a_gpu_is_native_bf16_or_fp32(monkeypatch):

@@ -526,13 +526,17 @@ def train(
         # one image joined the one before it): keep them, so it goes on as it began.
         steps_per_epoch = begun["step"] // begun["epoch"]
         last = n - (steps_per_epoch - 1) * cfg.batch_size
-        if cfg.model == "strong" and last // dist.world < 2 and last >= 2:
+        # Each process's share must hold an image (an empty one gives a nan loss, which the
+        # gradient averaging spreads to every process), and two with batch norm.
+        need = 2 if cfg.model == "strong" else 1
+        if need <= last < need * dist.world:
             # Checked before any process waits on another: every one of them stops here. (A
-            # last batch of one image never finished an epoch: batch norm refused it.)
+            # strong run's last batch of one image never finished an epoch: batch norm refused.)
             raise CannotResume(
                 f"{run_dir} began with a last batch of {last} images, which {dist.world} "
-                "processes cannot share with 2 or more each (batch norm): resume it in "
-                f"{last // 2} process{'es' if last // 2 > 1 else ''} or fewer"
+                f"processes cannot share with {need} or more each"
+                f"{' (batch norm)' if need == 2 else ''}: resume it in {last // need} "
+                f"process{'es' if last // need > 1 else ''} or fewer"
             )
     total_steps = steps_per_epoch * cfg.epochs
     net = model
