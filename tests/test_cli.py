@@ -82,7 +82,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
     "argv, message",
     [
         (["evaluate", "/nonexistent/run"], "/nonexistent/run does not exist"),
-        (["evaluate", "/nonexistent/run", "--tta", "on"], "applies to ensemble folders"),
+        (["evaluate", "/nonexistent/run", "--tta", "on"], "apply to ensemble folders"),
         (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
         (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
         (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
@@ -176,7 +176,9 @@ def test_a_corrupt_run_folder_is_one_clear_line(tmp_path, capsys):
                       ('{"dropout": "x"}', "dropout is ['x'], not two rates"),
                       ('{"dropout": [0.1]}', "dropout is [0.1], not two rates"),
                       ('{"precision": "fp8"}', "precision is 'fp8'"),
-                      ('{"epochs": "3"}', "epochs is '3', not a number"),
+                      ('{"epochs": "3"}', "epochs is '3', not a whole number"),
+                      ('{"epochs": 3.0}', "epochs is 3.0, not a whole number"),
+                      ('{"max_rotation": "20"}', "max_rotation is '20', not a number"),
                       ('{"augment": 1}', "augment is 1, not true or false")):  # edits gone wrong
         (run / "config.json").write_text(text)
         assert main(["evaluate", str(run)]) == 2
@@ -323,6 +325,7 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
         (["train", "--resume", str(ens)], "continue it with the mnist-cnn ensemble command"),
         # Another run's folder as --out of evaluate: its report.json would describe our model.
         (["evaluate", str(DEFAULT_MODEL), "--out", str(run)], "holds another run (config.json)"),
+        (["evaluate", str(DEFAULT_MODEL), "--out", str(ens)], "holds another run (ensemble.json)"),
         (["evaluate", str(ens), *data], "member-0, member-1 not finished (or missing)"),
     ):
         assert main(argv) == 2, argv
@@ -366,15 +369,44 @@ def test_evaluating_a_run_without_metrics_keeps_what_its_report_says(tmp_path, d
     # No curves to draw: no empty figure (the other three are written).
     assert not (out / "training_curves.png").exists() and (out / "wrong_results.png").is_file()
     assert f"kept epoch {shipped['best_epoch']} of {shipped['epochs']}" in capsys.readouterr().out
+    # Its output folder may be written again (it holds no run); train will not write over it.
+    assert main(["evaluate", str(DEFAULT_MODEL), "--out", str(out), "--data-dir",
+                 str(data_dir)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--data-dir", str(data_dir)]) == 2
+    assert "already holds report.json: choose another --out" in capsys.readouterr().err
 
 
-def test_under_torchrun_only_the_first_process_prints_a_mistake(monkeypatch, capsys):
-    monkeypatch.setenv("RANK", "1")
-    assert main(["evaluate", "/nonexistent/run"]) == 2
+def test_under_torchrun_one_process_a_machine_prints_a_mistake(monkeypatch, capsys):
+    from mnist_cnn import train
+
+    monkeypatch.setattr(train, "distributed_setup", lambda device: (train.Dist(1, 2), "cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["train", "--resume", "/nonexistent/run"]) == 2
     assert capsys.readouterr().err == ""
-    monkeypatch.setenv("RANK", "0")
+    # Not a training under torchrun (a command run in a job that set these): it speaks.
     assert main(["evaluate", "/nonexistent/run"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["train", "--resume", "/nonexistent/run"]) == 2
+    assert "no checkpoint.safetensors" in capsys.readouterr().err
+
+
+def test_number_flags_say_why_and_evaluate_takes_both_tta_forms(capsys):
+    from mnist_cnn.cli import build_parser
+
+    for bad, why in ((["--lr", "nan"], "expected a finite number"),
+                     (["--ema", "1"], "must be below 1"),
+                     (["--seed", "1" + "0" * 400], "must be 4294967295 or less"),
+                     (["stray"], "unrecognized arguments: stray")):
+        with pytest.raises(SystemExit):
+            main(["train", *bad])
+        assert why in capsys.readouterr().err, bad
+    parse = build_parser().parse_args
+    assert [parse(["evaluate", "ens", *flag]).tta for flag in
+            ([], ["--tta"], ["--tta", "on"], ["--tta", "off"], ["--no-tta"])] == [
+        None, "on", "on", "off", "off"]
 
 
 def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_dir, capsys,
@@ -424,7 +456,10 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
     with monkeypatch.context() as m:
         m.setattr(train, "distributed_setup", lambda device: (train.Dist(0, 2), "cpu"))
         assert main(["train", "--model", "strong", "--batch-size", "3"]) == 2
-        assert "needs --batch-size 4 or more" in capsys.readouterr().err
+        assert "needs --batch-size (and --train-subset) of 4 or more" in capsys.readouterr().err
+        # and of the reference layers' one image (an empty share would train on a nan loss).
+        assert main(["train", "--train-subset", "1"]) == 2
+        assert "share of a batch must hold an image" in capsys.readouterr().err
 
     # bf16 on a CPU without native bf16: a warning before the (long) training.
     with monkeypatch.context() as m:

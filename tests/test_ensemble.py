@@ -216,3 +216,25 @@ def test_padding_does_not_split_a_strong_ensemble(tmp_path, mnist):
         mismatch.value
     )
     assert not (folder / "ensemble.json").exists()
+
+
+def test_augmentation_settings_do_not_split_an_ensemble_without_augmentation(tmp_path, mnist):
+    # Begun with --no-augment and a rotation that did nothing (refused now): it continues
+    # without the rotation. The same difference with augmentation on is a real one.
+    from mnist_cnn.ensemble import RecipeMismatch, train_members
+
+    plain = TrainConfig(augment=False, epochs=1, train_subset=300, precision="fp32")
+    folder = tmp_path / "ens"
+    (folder / "member-0").mkdir(parents=True)
+    dataclasses.replace(plain, max_rotation=20, max_shift=3).save(
+        folder / "member-0" / "config.json")
+    (folder / "member-1").mkdir()
+    dataclasses.replace(plain, seed=1, lr=0.004).save(folder / "member-1" / "config.json")
+    with pytest.raises(RecipeMismatch) as mismatch:  # checked before anything trains
+        train_members(plain, folder, 2, mnist, torch.device("cpu"), progress=False)
+    assert "member-0" not in str(mismatch.value) and "member-1" in str(mismatch.value)
+    augmented = dataclasses.replace(plain, augment=True)
+    dataclasses.replace(augmented, max_rotation=20).save(folder / "member-0" / "config.json")
+    with pytest.raises(RecipeMismatch, match="member-0 was trained with other settings: "
+                       "max_rotation 20"):
+        train_members(augmented, folder, 2, mnist, torch.device("cpu"), progress=False)

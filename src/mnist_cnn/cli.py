@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mnist_cnn import __version__
 from mnist_cnn.config import (
+    AUGMENT_VALUES,
     CHOICES,
     FAST,
     MODEL_NAMES,
@@ -52,7 +53,7 @@ def _bounded(kind, low, inclusive: bool, high=None, below: bool = False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):  # nan passes every comparison below; inf trains to nan
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes the tests below
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if value < low or (value == low and not inclusive):
             word = f"{low} or more" if inclusive else "positive"
@@ -316,11 +317,6 @@ RECIPE_VALUES = ("model", "width", "optimizer", "epochs", "batch_size", "lr", "w
                  "teacher_weight", "teacher_temperature", "dropout")
 
 
-# The recipe flags that shape the augmentation (moot without it).
-AUGMENT_VALUES = ("max_rotation", "max_shift", "max_scale", "max_shear", "elastic", "elastic_sigma",
-                  "max_thickness", "cutout", "clean_epochs")
-
-
 def _recipe_flags_given(args: argparse.Namespace) -> list[str]:
     """The recipe flags on the command line, as typed."""
     given = [n for n in RECIPE_VALUES if getattr(args, n) is not None]
@@ -360,9 +356,12 @@ def _config_from_args(
     if cfg.model == "strong" and min(cfg.batch_size, cfg.train_subset or 2) < 2:
         raise UserError("--model strong trains with batch norm, which needs 2 images or more a "
                         "batch: give --batch-size and --train-subset of 2 or more")
-    if cfg.model == "strong" and cfg.batch_size < 2 * world:
-        raise UserError(f"--model strong in {world} processes needs --batch-size {2 * world} "
-                        "or more: each process's share of a batch must hold 2 images (batch norm)")
+    need = 2 if cfg.model == "strong" else 1  # images in each process's share of a batch
+    if world > 1 and min(cfg.batch_size, cfg.train_subset or cfg.batch_size) < need * world:
+        raise UserError(
+            f"--model {cfg.model} in {world} processes needs --batch-size (and --train-subset) "
+            f"of {need * world} or more: each process's share of a batch must hold "
+            f"{'2 images (batch norm)' if need == 2 else 'an image'}")
     if cfg.teacher is not None:
         # Absolute, so that resuming from another working folder still finds it.
         cfg = dataclasses.replace(cfg, teacher=str(_check_teacher(cfg.teacher, "--teacher")))
@@ -480,9 +479,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "or choose another --out"
             )
-        # A finished run need not keep its checkpoint (deleted to save space, or re-scored by
-        # scripts/ema_batchnorm.py --out): its weights and report are not to be overwritten
-        # either. (A config.json alone is a run stopped before its first epoch: nothing lost.)
+        # Weights or a report without a finished run beside them (an evaluate --out, a copy):
+        # not to be overwritten either. (A config.json alone is a run stopped before its first
+        # epoch: nothing lost.)
         held = [name for name in ("model.safetensors", "report.json") if (run_dir / name).exists()]
         if held:
             raise UserError(f"{run_dir} already holds {' and '.join(held)}: choose another --out")
@@ -571,14 +570,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"{args.run_dir}: {', '.join(unfinished)} not finished (or missing): run the "
                 f"mnist-cnn ensemble command that made it again, and it continues{smaller}")
         tta = None if args.tta is None else args.tta == "on"
+        data = _load_data(args)
         try:
-            report = write_ensemble_report(args.run_dir, out, _load_data(args), device, tta)
+            report = write_ensemble_report(args.run_dir, out, data, device, tta)
         except FileNotFoundError as e:  # a member's weights deleted since it finished
             raise UserError(str(e)) from None
         _print_report(report, out)
         return 0
     if args.tta is not None:
-        raise UserError("--tta applies to ensemble folders (made by mnist-cnn ensemble)")
+        raise UserError("--tta and --no-tta apply to ensemble folders (made by mnist-cnn "
+                        "ensemble)")
     try:
         cfg, model = load_run(args.run_dir, device)
     except FileNotFoundError as e:
@@ -753,8 +754,9 @@ def main(argv: list[str] | None = None) -> int:
                     "serve": cmd_serve, "bench": cmd_bench, "ensemble": cmd_ensemble}
         return commands[args.command](args)
     except (UserError, DataError, CorruptFile, CannotResume) as e:
-        # Under torchrun every process meets the same mistake: one of them says it.
-        if os.environ.get("RANK", "0") == "0":
+        # Under torchrun every process of a machine meets the same mistake: one of them says it.
+        if not (args.command == "train" and os.environ.get("WORLD_SIZE", "1") != "1"
+                and os.environ.get("LOCAL_RANK", "0") != "0"):
             print(f"mnist-cnn: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader left (`mnist-cnn predict *.png | head`): end quietly

@@ -42,6 +42,10 @@ MODEL_NAMES = ("reference", "strong")
 # members alone were not read, and the reference five together tied too). docs/RESULTS.md.
 TTA_BY_DEFAULT = {"reference": True, "strong": False}
 
+# The settings that shape the augmentation: moot without it (--no-augment, --fast).
+AUGMENT_VALUES = ("max_rotation", "max_shift", "max_scale", "max_shear", "elastic", "elastic_sigma",
+                  "max_thickness", "cutout", "clean_epochs")
+
 # The settings that take one of a few words (the command line offers the same).
 CHOICES = {"model": MODEL_NAMES, "padding": ("same", "valid"), "optimizer": ("adam", "sgd"),
            "select": ("last", "best"), "precision": ("auto", "fp32", "bf16")}
@@ -155,15 +159,22 @@ class TrainConfig:
     def check(self) -> None:
         """Raise ValueError for settings no run saves (a config.json edited by hand), before they
         fail somewhere deep in training or scoring."""
+        optional = {"max_rotation": 0.0, "clean_epochs": 0, "train_subset": 0, "teacher": ""}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(f.default, bool):
+            kind = type(optional.get(f.name, f.default))
+            if value is None and f.name in optional:
+                continue
+            if kind is bool:
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name} is {value!r}, not true or false")
-            elif isinstance(f.default, (int, float)) and (
-                isinstance(value, bool) or not isinstance(value, (int, float))
-            ):
-                raise ValueError(f"{f.name} is {value!r}, not a number")
+            elif kind in (int, float) and (isinstance(value, bool) or not isinstance(
+                value, int if kind is int else (int, float)
+            )):
+                raise ValueError(f"{f.name} is {value!r}, not {'a whole' if kind is int else 'a'} "
+                                 "number")
+            elif kind is str and not isinstance(value, str):
+                raise ValueError(f"{f.name} is {value!r}, not text")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} is {getattr(self, name)!r}, not one of "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mnist_cnn.augment import transform
-from mnist_cnn.config import TrainConfig, corrupt, write_json
+from mnist_cnn.config import AUGMENT_VALUES, TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.evaluate import load_run, read_history, save_report, write_report
 from mnist_cnn.train import (
@@ -90,6 +90,8 @@ def train_members(
             # The strong model has its own padding: a --padding given to one command and not the
             # other changes nothing it trains.
             moot = {"padding"} if cfg.model == "strong" else set()
+            if not cfg.augment:  # begun with augmentation flags that did nothing (now refused)
+                moot |= set(AUGMENT_VALUES)
             diff = [f"{key} {saved[key]} (asked: {wanted[key]})"
                     for key in saved if saved[key] != wanted[key] and key not in moot]
             if diff:

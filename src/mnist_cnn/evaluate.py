@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mnist_cnn import __version__, figures
-from mnist_cnn.config import TrainConfig, corrupt, write_json
+from mnist_cnn.config import CorruptFile, TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.model import count_params
 from mnist_cnn.train import (
@@ -93,7 +93,7 @@ def save_report(
     out_dir: Path, probs: torch.Tensor, val_probs: torch.Tensor, data: MNIST,
     histories: list[list[dict]], params: int, extra: dict, seed: int, select: str = "best",
 ) -> dict:
-    """Write report.json and the four figures for test/validation probabilities. `histories`
+    """Write report.json and the figures for test/validation probabilities. `histories`
     holds the run's metrics, or each member's for an ensemble (the report counts the first's
     epochs; an ensemble's `extra` gives each member's best epoch)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,8 +121,11 @@ def write_report(
     if not history and (run_dir / "report.json").is_file():
         # No metrics.jsonl (the shipped model keeps none): its training, as its report says.
         keys = ("epochs", "best_epoch", "train_seconds")
-        kept = read_report(run_dir, needs=keys)
-        extra |= {key: kept[key] for key in keys}
+        try:
+            kept = read_report(run_dir, needs=keys)
+            extra |= {key: kept[key] for key in keys}
+        except CorruptFile:  # damaged: scored anew, without what it said of training
+            pass
     return save_report(
         out_dir, predict_proba(model, data.test_images, device, amp),
         predict_proba(model, data.val_images, device, amp), data, [history], count_params(model),

@@ -144,5 +144,7 @@ def write_all(
     random_results(out_dir / "random_results.png", images, labels, probs, seed)
     wrong_results(out_dir / "wrong_results.png", images, labels, probs)
     confusion_matrix(out_dir / "confusion_matrix.png", matrix)
-    if any(histories):  # not for a model without metrics.jsonl (the shipped one)
+    if any(histories):
         training_curves(out_dir / "training_curves.png", histories)
+    else:  # a model without metrics.jsonl (the shipped one): no curves, not an earlier run's
+        (out_dir / "training_curves.png").unlink(missing_ok=True)
