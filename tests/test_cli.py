@@ -536,3 +536,24 @@ def test_bf16_on_a_gpu_without_native_bf16_is_warned_about(monkeypatch):
     _warn_if_slow_bf16(TrainConfig(precision="bf16"), torch.device("cuda"),
                        say=lambda *a, **k: said.append(a[0]))
     assert len(said) == 1 and "this GPU has no native bf16" in said[0]
+
+
+def test_a_termination_request_stops_a_training_as_ctrl_c_does(tmp_path, data_dir):
+    # `kill`, `timeout` or a scheduler's time limit: the finished epochs are kept and the
+    # command to continue is printed, as after Ctrl-C (the default SIGTERM just ended it).
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn", "train", "--epochs", "20", "--train-subset", "1000",
+         "--batch-size", "128", "--precision", "fp32", "--out", str(run), "--data-dir",
+         str(data_dir)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.safetensors").is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "finished epoch(s) are saved" in err and f"mnist-cnn train --resume {run}" in err
+    assert "Traceback" not in err

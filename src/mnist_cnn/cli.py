@@ -9,7 +9,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -748,6 +750,10 @@ def main(argv: list[str] | None = None) -> int:
             args.images += extra  # file names after an option: `predict a.png --json b.png`
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # A termination request (`kill`, `timeout`, a job scheduler's time limit) stops the command
+    # as Ctrl-C does: a training keeps its finished epochs and prints how to continue.
+    terminate = (signal.signal(signal.SIGTERM, _terminate)
+                 if threading.current_thread() is threading.main_thread() else None)
     try:
         # The commands import torch when they run (seconds): a Ctrl-C meanwhile is caught here.
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
@@ -768,3 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
+    finally:
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
