@@ -38,8 +38,9 @@ MODEL_NAMES = ("reference", "strong")
 # Whether `mnist-cnn ensemble` scores its members and their average through test-time
 # augmentation (ensemble.TTA: the image and six shifted or turned copies) unless told: for the
 # reference layers yes (each of five members read more validation images right with it), for the
-# strong model no (the five together read validation the same with and without it, twice; its
-# members alone were not read, and the reference five together tied too). docs/RESULTS.md.
+# strong model no (the five together read validation the same with and without it, twice; of its
+# members only one fp32 seed was read, one validation image up; the reference five together
+# tied too). docs/RESULTS.md.
 TTA_BY_DEFAULT = {"reference": True, "strong": False}
 
 # The settings that shape the augmentation: moot without it (--no-augment, --fast).
