@@ -500,8 +500,8 @@ def train(
     rank 0 after each epoch with the model that is validated (used by the benchmark).
     `teacher_probs`, with `cfg.teacher`: the teacher's probabilities for the training images,
     if the caller has them already (`teacher_probabilities`); else the teacher is asked.
-    A resumed run keeps the batches it began with; a strong-model run whose last batch the
-    processes cannot share with two images each (batch norm) raises CannotResume first.
+    A resumed run keeps the batches it began with; one whose last batch the processes cannot
+    share with an image each (two for the strong model: batch norm) raises CannotResume first.
     """
     dist = dist or Dist()
     if cfg.select not in ("last", "best"):
