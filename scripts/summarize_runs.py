@@ -26,6 +26,7 @@ from pathlib import Path
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.ensemble import finished_runs
 from mnist_cnn.evaluate import kept_val_loss, read_history
+from mnist_cnn.train import read_report
 
 
 def pct(values: list[float]) -> str:
@@ -78,12 +79,11 @@ def summarize(folder: Path) -> dict:
     runs = finished_runs(folder)
     if not runs:
         sys.exit(f"{folder}: no finished run (none with a report.json of all its epochs)")
-    reports = [json.loads((r / "report.json").read_text()) for r in runs]
+    reports = [read_report(r) for r in runs]
     histories = [read_history(r) for r in runs]
     configs = [TrainConfig.load(r / "config.json") for r in runs]
     raw = [raw_val_accuracy(h, c.select) for h, c in zip(histories, configs, strict=True)]
-    ensemble_path = folder / "report.json"
-    ensemble = json.loads(ensemble_path.read_text()) if ensemble_path.is_file() else None
+    ensemble = read_report(folder) if (folder / "report.json").is_file() else None
     return {
         "folder": str(folder),
         "settings": changed_settings(configs[0]),

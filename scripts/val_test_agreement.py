@@ -24,9 +24,11 @@ import itertools
 import json
 from pathlib import Path
 
+from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import VAL_SIZE
 from mnist_cnn.ensemble import finished_runs
 from mnist_cnn.evaluate import kept_val_loss, read_history
+from mnist_cnn.train import read_report
 
 BANDS = {"1": (1, 1), "2-3": (2, 3), ">=4": (4, VAL_SIZE)}  # validation images apart
 
@@ -35,16 +37,15 @@ def load_runs(parents: list[Path]) -> list[dict]:
     runs, seen = [], set()
     for folder in (f for p in parents for f in sorted(p.iterdir()) if f.is_dir()):
         for run in finished_runs(folder):  # not `evaluate --out` folders: no config.json
-            cfg = json.loads((run / "config.json").read_text())
-            report = json.loads((run / "report.json").read_text())
+            cfg = TrainConfig.load(run / "config.json")
+            report = read_report(run)
             val_loss = kept_val_loss(read_history(run), report)
-            key = (cfg["model"], cfg["seed"], report["val_accuracy"], val_loss,
-                   report["test_errors"])
-            if cfg["epochs"] < 20 or key in seen:
+            key = (cfg.model, cfg.seed, report["val_accuracy"], val_loss, report["test_errors"])
+            if cfg.epochs < 20 or key in seen:
                 continue
             seen.add(key)
-            runs.append({"path": run, "folder": str(folder), "model": cfg["model"],
-                         "seed": cfg["seed"],
+            runs.append({"path": run, "folder": str(folder), "model": cfg.model,
+                         "seed": cfg.seed,
                          "val_errors": round((1 - report["val_accuracy"]) * VAL_SIZE),
                          "val_loss": val_loss, "test_errors": report["test_errors"]})
     return runs

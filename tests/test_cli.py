@@ -324,8 +324,8 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
         (["train", "--out", str(ens)], "is an ensemble folder"),
         (["train", "--resume", str(ens)], "continue it with the mnist-cnn ensemble command"),
         # Another run's folder as --out of evaluate: its report.json would describe our model.
-        (["evaluate", str(DEFAULT_MODEL), "--out", str(run)], "holds another run (config.json)"),
-        (["evaluate", str(DEFAULT_MODEL), "--out", str(ens)], "holds another run (ensemble.json)"),
+        (["evaluate", str(DEFAULT_MODEL), "--out", str(run)], "holds another run: its report.json"),
+        (["evaluate", str(DEFAULT_MODEL), "--out", str(ens)], "holds an ensemble: its report.json"),
         (["evaluate", str(ens), *data], "member-0, member-1 not finished (or missing)"),
     ):
         assert main(argv) == 2, argv
@@ -394,7 +394,7 @@ def test_under_torchrun_one_process_a_machine_prints_a_mistake(monkeypatch, caps
 
 
 def test_number_flags_say_why_and_evaluate_takes_both_tta_forms(capsys):
-    from mnist_cnn.cli import build_parser
+    from mnist_cnn.cli import _tta_words, build_parser
 
     for bad, why in ((["--lr", "nan"], "expected a finite number"),
                      (["--ema", "1"], "must be below 1"),
@@ -403,10 +403,15 @@ def test_number_flags_say_why_and_evaluate_takes_both_tta_forms(capsys):
         with pytest.raises(SystemExit):
             main(["train", *bad])
         assert why in capsys.readouterr().err, bad
+    # --tta takes no value (`--tta on|off` is rewritten before parsing), so the folder may come
+    # after it.
     parse = build_parser().parse_args
-    assert [parse(["evaluate", "ens", *flag]).tta for flag in
-            ([], ["--tta"], ["--tta", "on"], ["--tta", "off"], ["--no-tta"])] == [
-        None, "on", "on", "off", "off"]
+    flags = {(): None, ("--tta",): True, ("--tta", "on"): True, ("--tta=on",): True,
+             ("--tta", "off"): False, ("--tta=off",): False, ("--no-tta",): False}
+    for flag, tta in flags.items():
+        for argv in (["evaluate", "ens", *flag], ["evaluate", *flag, "ens"]):
+            args = parse(_tta_words(argv))
+            assert (args.run_dir, args.tta) == (Path("ens"), tta), argv
 
 
 def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_dir, capsys,

@@ -169,11 +169,10 @@ def test_val_test_agreement_pairs_same_seed_runs_of_different_folders(tmp_path):
     def run(name, seed, val_accuracy, val_loss, test_errors, epochs=30):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(
-            {"model": "reference", "seed": seed, "epochs": epochs}))
+        TrainConfig(seed=seed, epochs=epochs).save(folder / "config.json")
         (folder / "report.json").write_text(json.dumps(
             {"val_accuracy": val_accuracy, "test_errors": test_errors, "best_epoch": epochs,
-             "epochs": epochs}))
+             "epochs": epochs, "test_accuracy": 1 - test_errors / 10_000, "train_seconds": 1.0}))
         (folder / "metrics.jsonl").write_text(json.dumps({"epoch": epochs, "val_loss": val_loss}))
 
     run("a", 0, 0.9970, 0.011, 42)

@@ -234,11 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e.add_argument("--out", metavar="DIR", type=Path,
                    help="where to write report.json and figures (default: RUN_DIR)")
-    e.add_argument("--tta", choices=["on", "off"], nargs="?", const="on",
-                   help="ensemble folders: score with (--tta, --tta on) or without (--no-tta, "
-                        "--tta off) test-time augmentation (default: as the ensemble was made)")
-    e.add_argument("--no-tta", dest="tta", action="store_const", const="off",
-                   help=argparse.SUPPRESS)
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="ensemble folders: score with or without test-time augmentation (also "
+                        "spelled --tta on, --tta off; default: as the ensemble was made)")
     pr = sub.add_parser(
         "predict", help="classify digits in image files",
         description="Classify the digit in each image (PNG, JPEG, BMP, GIF, WebP; any size, "
@@ -355,11 +353,11 @@ def _config_from_args(
     if cfg.max_scale >= 1:
         raise UserError(f"--max-scale {cfg.max_scale:g} would scale digits by 1 - "
                         f"{cfg.max_scale:g} <= 0: give a fraction below 1 (0.1 is ±10%)")
-    if cfg.model == "strong" and min(cfg.batch_size, cfg.train_subset or 2) < 2:
-        raise UserError("--model strong trains with batch norm, which needs 2 images or more a "
-                        "batch: give --batch-size and --train-subset of 2 or more")
-    need = 2 if cfg.model == "strong" else 1  # images in each process's share of a batch
-    if world > 1 and min(cfg.batch_size, cfg.train_subset or cfg.batch_size) < need * world:
+    need = cfg.min_share()
+    if min(cfg.batch_size, cfg.train_subset or cfg.batch_size) < need * world:
+        if world == 1:  # only the strong model can get here (--batch-size is 1 or more)
+            raise UserError("--model strong trains with batch norm, which needs 2 images or more "
+                            "a batch: give --batch-size and --train-subset of 2 or more")
         raise UserError(
             f"--model {cfg.model} in {world} processes needs --batch-size (and --train-subset) "
             f"of {need * world} or more: each process's share of a batch must hold "
@@ -472,7 +470,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             tdist.broadcast_object_list(shared, src=0)
             run_dir = shared[0]
         _check_out(run_dir, "--out")
-        if (run_dir / "ensemble.json").is_file():
+        if is_ensemble(run_dir):
             raise UserError(f"--out {run_dir} is an ensemble folder: choose another --out")
         if run_finished(run_dir):
             raise UserError(f"{run_dir} holds a finished run: choose another --out")
@@ -552,11 +550,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or args.run_dir
     if args.out:
         _check_out(args.out, "--out")
-        held = [n for n in ("config.json", "ensemble.json") if (args.out / n).is_file()]
+        held = ("an ensemble" if is_ensemble(args.out)
+                else "another run" if (args.out / "config.json").is_file() else None)
         if held and os.path.realpath(args.out) != os.path.realpath(args.run_dir):
             # Its report.json would then describe another model than the one beside it.
-            raise UserError(f"--out {args.out} holds another run ({held[0]}): its report.json "
-                            "would be overwritten; choose another --out")
+            raise UserError(f"--out {args.out} holds {held}: its report.json would be "
+                            "overwritten; choose another --out")
     elif os.path.isdir(args.run_dir):  # else load_run says it is not a run folder
         _check_out(args.run_dir, "RUN_DIR", hint=" (give --out to write elsewhere)")
     if is_ensemble(args.run_dir):
@@ -571,10 +570,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise UserError(
                 f"{args.run_dir}: {', '.join(unfinished)} not finished (or missing): run the "
                 f"mnist-cnn ensemble command that made it again, and it continues{smaller}")
-        tta = None if args.tta is None else args.tta == "on"
         data = _load_data(args)
         try:
-            report = write_ensemble_report(args.run_dir, out, data, device, tta)
+            report = write_ensemble_report(args.run_dir, out, data, device, args.tta)
         except FileNotFoundError as e:  # a member's weights deleted since it finished
             raise UserError(str(e)) from None
         _print_report(report, out)
@@ -742,9 +740,23 @@ def _print_report(report: dict, out: Path, wrote: bool = True) -> None:
     )
 
 
+def _tta_words(argv: list[str]) -> list[str]:
+    """`--tta on` / `--tta off` (an older spelling) as the flags `--tta` / `--no-tta`: --tta
+    takes no value, so that in `evaluate --tta RUN_DIR` the folder stays the folder."""
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        if i and argv[i - 1] == "--tta" and a in ("on", "off"):
+            out[-1] = "--tta" if a == "on" else "--no-tta"
+        elif a in ("--tta=on", "--tta=off"):
+            out.append("--tta" if a == "--tta=on" else "--no-tta")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_tta_words(sys.argv[1:] if argv is None else argv))
     if extra:
         if args.command == "predict" and not any(e.startswith("-") for e in extra):
             args.images += extra  # file names after an option: `predict a.png --json b.png`

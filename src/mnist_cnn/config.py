@@ -136,6 +136,12 @@ class TrainConfig:
             return self.clean_epochs
         return self.epochs // 10 if self.augment and self.model == "reference" else 0
 
+    def min_share(self) -> int:
+        """The fewest images each process's share of a batch may hold: batch norm (the strong
+        model) needs two to normalize; an empty share gives a nan loss, which gradient
+        averaging across processes would spread to all of them."""
+        return 2 if self.model == "strong" else 1
+
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["dropout"] = list(self.dropout)

@@ -526,9 +526,7 @@ def train(
         # one image joined the one before it): keep them, so it goes on as it began.
         steps_per_epoch = begun["step"] // begun["epoch"]
         last = n - (steps_per_epoch - 1) * cfg.batch_size
-        # Each process's share must hold an image (an empty one gives a nan loss, which the
-        # gradient averaging spreads to every process), and two with batch norm.
-        need = 2 if cfg.model == "strong" else 1
+        need = cfg.min_share()
         if need <= last < need * dist.world:
             # Checked before any process waits on another: every one of them stops here. (A
             # strong run's last batch of one image never finished an epoch: batch norm refused.)
