@@ -350,6 +350,13 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
     assert main(["evaluate", str(ens), *data]) == 2
     err = capsys.readouterr().err
     assert "report.json cannot be read as a run's report.json (no params)" in err, err
+    # A finished member whose weights were deleted: said before the data loads (here, none).
+    shutil.rmtree(ens / "member-0")
+    shutil.copytree(DEFAULT_MODEL, ens / "member-0")
+    (ens / "member-0" / "model.safetensors").unlink()
+    assert main(["evaluate", str(ens), "--data-dir", str(tmp_path / "no-data")]) == 2
+    err = capsys.readouterr().err
+    assert "member-0 is not a finished run folder: model.safetensors is missing" in err, err
     # A finished run as --out of train: nothing to resume, so not offered.
     shutil.copytree(DEFAULT_MODEL, tmp_path / "done")
     assert main(["train", "--out", str(tmp_path / "done"), *data]) == 2

@@ -543,7 +543,7 @@ def _end_distributed(dist) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mnist_cnn.ensemble import is_ensemble, member_dirs, write_ensemble_report
-    from mnist_cnn.evaluate import load_run, write_report
+    from mnist_cnn.evaluate import check_run, load_run, write_report
     from mnist_cnn.train import read_history, run_finished
 
     device = _device(args.device)
@@ -570,11 +570,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise UserError(
                 f"{args.run_dir}: {', '.join(unfinished)} not finished (or missing): run the "
                 f"mnist-cnn ensemble command that made it again, and it continues{smaller}")
-        data = _load_data(args)
         try:
-            report = write_ensemble_report(args.run_dir, out, data, device, args.tta)
-        except FileNotFoundError as e:  # a member's weights deleted since it finished
+            for member in members:  # a member's weights deleted since it finished
+                check_run(member)
+        except FileNotFoundError as e:
             raise UserError(str(e)) from None
+        data = _load_data(args)
+        report = write_ensemble_report(args.run_dir, out, data, device, args.tta)
         _print_report(report, out)
         return 0
     if args.tta is not None:

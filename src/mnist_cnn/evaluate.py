@@ -28,8 +28,9 @@ from mnist_cnn.train import (
 )
 
 
-def load_run(run_dir: Path, device: torch.device) -> tuple[TrainConfig, nn.Module]:
-    """Rebuild the kept model of a run folder from its config.json and model.safetensors."""
+def check_run(run_dir: Path) -> None:
+    """Raise FileNotFoundError unless a run folder holds what load_run reads (a check of seconds
+    before the data loads, rather than after)."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise FileNotFoundError(f"{run_dir} does not exist")
@@ -39,6 +40,12 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[TrainConfig, nn.Modul
                 f"{run_dir} is not a finished run folder: {name} is missing "
                 "(a run folder is what `mnist-cnn train --out DIR` writes)"
             )
+
+
+def load_run(run_dir: Path, device: torch.device) -> tuple[TrainConfig, nn.Module]:
+    """Rebuild the kept model of a run folder from its config.json and model.safetensors."""
+    run_dir = Path(run_dir)
+    check_run(run_dir)
     cfg = TrainConfig.load(run_dir / "config.json")
     try:
         model = prepare_model(cfg, device)
