@@ -179,7 +179,7 @@ def test_a_bf16_run_is_scored_in_fp32_where_bf16_is_not_native(tmp_path, monkeyp
     (tmp_path / "run" / "config.json").write_text(json.dumps({**cfg, "precision": "bf16"}))
     for native, amp in ((False, None), (True, torch.bfloat16)):
         monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda native=native: native)
-        assert Classifier.load(tmp_path / "run").amp is amp
+        assert Classifier.load(tmp_path / "run").models[0][1] is amp
     # Runs asking for fp32, or auto, keep what they ask for.
     monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
     assert train.inference_precision("fp32", torch.device("cpu")) is None
@@ -293,21 +293,47 @@ def test_names_the_output_cannot_encode_are_printed_escaped(tmp_path):
     assert f"{tmp_path}{os.sep}\\xf1.png: error" in done.stderr.decode("ascii")
 
 
-@pytest.mark.parametrize("command", ["predict", "serve"])
-def test_an_ensemble_folder_as_checkpoint_names_a_member(tmp_path, capsys, command):
-    (tmp_path / "ensemble.json").write_text(json.dumps({"members": ["member-0"], "tta": False}))
-    args = [command, "--checkpoint", str(tmp_path)] + (["x.png"] if command == "predict" else [])
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "is an ensemble folder" in err and str(tmp_path / "member-0") in err
-    assert "config.json" not in err
+def test_an_ensemble_folder_averages_its_members_as_evaluate_scores_them(tmp_path, mnist, capsys):
+    import shutil
+
+    from mnist_cnn.config import TrainConfig
+    from mnist_cnn.ensemble import ensemble_probas
+    from mnist_cnn.train import prepare_model, save_weights
+
+    ens = tmp_path / "ens"
+    runs = [ens / "member-0", ens / "member-1"]
+    for run in runs:
+        shutil.copytree(DEFAULT_MODEL, run)
+    torch.manual_seed(0)
+    cfg = TrainConfig.load(runs[1] / "config.json")
+    save_weights(runs[1] / "model.safetensors", prepare_model(cfg, torch.device("cpu")))
+    images = mnist.test_images[:64]
+    for tta in (False, True):
+        (ens / "ensemble.json").write_text(json.dumps({"members": ["member-0", "member-1"],
+                                                       "tta": tta}))
+        classifier = Classifier.load(ens)
+        assert classifier.tta is tta and len(classifier.models) == 2
+        expected = ensemble_probas(runs, [images], torch.device("cpu"), tta)[0].numpy()
+        np.testing.assert_allclose(classifier.probabilities(images.numpy()), expected, atol=1e-6)
+    # On the command line too; a member not finished is named, for predict and serve alike.
+    image = tmp_path / "seven.png"
+    image.write_bytes(png(mnist.test_images[0].numpy()))
+    assert main(["predict", str(image), "--checkpoint", str(ens), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["prediction"] == int(np.argmax(classifier.probabilities(
+        pp.preprocess(image.read_bytes())[None])))
+    (runs[1] / "report.json").unlink()
+    for command in (["predict", str(image)], ["serve"]):
+        assert main([*command, "--checkpoint", str(ens)]) == 2
+        err = capsys.readouterr().err
+        assert "member-1 not finished (or missing)" in err and "Traceback" not in err
 
 
 def test_serve_help_says_the_checkpoint_default_once(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
-    assert "RUN_DIR a run folder to use (default: the model shipped with the package) --" in text
+    assert "made with it; default: the model shipped with the package) --device" in text
     assert "None" not in text and "(default: cpu) (default: cpu)" not in text
     assert "(default: cpu)" in text
 

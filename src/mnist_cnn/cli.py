@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     pr.add_argument("--checkpoint", metavar="RUN_DIR", type=Path,
-                    help="a run folder to use (default: the model shipped with the package)")
+                    help="a run or ensemble folder to use (an ensemble's members averaged, "
+                         "through test-time augmentation if it was made with it; default: the "
+                         "model shipped with the package)")
     pr.add_argument("--json", action="store_true",
                     help='one JSON object per line and file: {"file", "prediction", '
                          '"probabilities"} or {"file", "error"}')
@@ -279,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     # '%(default).0s' prints nothing; its presence stops ArgumentDefaultsHelpFormatter from
     # adding '(default: None)' after the default said in words.
     sv.add_argument("--checkpoint", metavar="RUN_DIR", type=Path,
-                    help="a run folder to use (default: the model shipped with the package)"
-                         "%(default).0s")
+                    help="a run or ensemble folder to use (an ensemble's members averaged, "
+                         "through test-time augmentation if it was made with it; default: the "
+                         "model shipped with the package)%(default).0s")
     sv.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                     help="where to compute")
     return parser
@@ -687,15 +690,8 @@ def _predict_and_print(args: argparse.Namespace, classifier) -> int:
 
 
 def _classifier(args: argparse.Namespace):
-    from mnist_cnn.ensemble import is_ensemble, member_dirs
     from mnist_cnn.predict import Classifier
 
-    # predict and serve use one model; without this, an ensemble folder got 'config.json is
-    # missing', which hides that each member folder would do.
-    if args.checkpoint and is_ensemble(args.checkpoint):
-        raise UserError(f"{args.checkpoint} is an ensemble folder (made by `mnist-cnn "
-                        "ensemble`); give one of its members instead, e.g. --checkpoint "
-                        f"{member_dirs(args.checkpoint)[0]}")
     try:
         return Classifier.load(args.checkpoint, _device(args.device))
     except FileNotFoundError as e:

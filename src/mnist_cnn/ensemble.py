@@ -126,24 +126,30 @@ def train_members(
     return [folder / name for name in names]
 
 
+def model_proba(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+    amp: torch.dtype | None, tta: bool = False,
+) -> torch.Tensor:
+    """One model's softmax outputs [N, 10] (on the CPU) for uint8 images [N, 28, 28], averaged
+    over the TTA views when on."""
+    views = TTA if tta else TTA[:1]
+    total = torch.zeros(len(images), 10)
+    for k, view in enumerate(views):
+        x = images if k == 0 else tta_view(images, view)  # view 0 is the identity
+        total += predict_proba(model, x, device, amp)
+    return total / len(views)
+
+
 def member_probas(
     runs: list[Path], image_sets: list[torch.Tensor], device: torch.device, tta: bool = False
 ) -> list[list[torch.Tensor]]:
-    """For each member, for each set of uint8 images, its softmax outputs (averaged over the TTA
-    views when on). Each member is loaded once for all the sets."""
-    views = TTA if tta else TTA[:1]
+    """For each member, for each set of uint8 images, its softmax outputs (`model_proba`). Each
+    member is loaded once for all the sets."""
     outputs = []
     for run in runs:
         cfg, model = load_run(run, device)
         amp = inference_precision(cfg.precision, device)
-        sets = []
-        for images in image_sets:
-            total = torch.zeros(len(images), 10)
-            for k, view in enumerate(views):
-                x = images if k == 0 else tta_view(images, view)  # view 0 is the identity
-                total += predict_proba(model, x, device, amp)
-            sets.append(total / len(views))
-        outputs.append(sets)
+        outputs.append([model_proba(model, images, device, amp, tta) for images in image_sets])
     return outputs
 
 

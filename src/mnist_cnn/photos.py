@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Accuracy of predict on MNIST test digits turned into user photos.",
     )
     parser.add_argument("--n", type=int, default=10_000, help="test digits to use (first N)")
-    parser.add_argument("--checkpoint", help="run folder (default: the shipped model)")
+    parser.add_argument("--checkpoint", help="run or ensemble folder (default: the shipped model)")
     parser.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DATA_DIR or cache)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

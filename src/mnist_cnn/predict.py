@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn.evaluate import load_run
+from mnist_cnn.ensemble import is_ensemble, member_dirs, model_proba, read_spec
+from mnist_cnn.evaluate import check_run, load_run
 from mnist_cnn.preprocess import ImageError, preprocess, read_file
-from mnist_cnn.train import inference_precision, predict_proba
+from mnist_cnn.train import inference_precision, run_finished
 
 # The default model, trained by `mnist-cnn train` with the documented defaults and shipped in the
 # package (half precision), so predict and serve work right after install.
@@ -21,21 +22,40 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "weights"
 
 @dataclass
 class Classifier:
-    model: nn.Module
+    """A run's kept model, or an ensemble's members averaged, scoring as the folder's report.json
+    was scored: an ensemble through test-time augmentation when it was made with it."""
+
+    models: list[tuple[nn.Module, torch.dtype | None]]  # each with its inference precision
     device: torch.device
-    amp: torch.dtype | None
+    tta: bool = False
 
     @classmethod
-    def load(cls, run_dir: Path | None = None, device: torch.device | None = None) -> Classifier:
+    def load(cls, folder: Path | None = None, device: torch.device | None = None) -> Classifier:
+        """FileNotFoundError for a folder that is not a finished run or ensemble."""
         device = device or torch.device("cpu")
-        cfg, model = load_run(Path(run_dir) if run_dir else DEFAULT_MODEL, device)
-        model.eval()
-        return cls(model, device, inference_precision(cfg.precision, device))
+        folder = Path(folder) if folder else DEFAULT_MODEL
+        runs, tta = [folder], False
+        if is_ensemble(folder):
+            runs, tta = member_dirs(folder), bool(read_spec(folder).get("tta"))
+            unfinished = [r.name for r in runs if not run_finished(r)]
+            if unfinished:
+                raise FileNotFoundError(
+                    f"{folder}: {', '.join(unfinished)} not finished (or missing): run the "
+                    "mnist-cnn ensemble command that made it again, and it continues")
+            for run in runs:  # all checked before any is loaded
+                check_run(run)
+        models = []
+        for run in runs:
+            cfg, model = load_run(run, device)
+            models.append((model.eval(), inference_precision(cfg.precision, device)))
+        return cls(models, device, tta)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, 28, 28] MNIST-style images → probabilities [N, 10]."""
         tensor = torch.from_numpy(np.ascontiguousarray(images))
-        return predict_proba(self.model, tensor, self.device, self.amp).numpy()
+        total = sum(model_proba(model, tensor, self.device, amp, self.tta)
+                    for model, amp in self.models)
+        return (total / len(self.models)).numpy()
 
 
 def printable(name: str) -> str:
