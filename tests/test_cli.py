@@ -419,6 +419,9 @@ def test_number_flags_say_why_and_evaluate_takes_both_tta_forms(capsys):
         for argv in (["evaluate", "ens", *flag], ["evaluate", *flag, "ens"]):
             args = parse(_tta_words(argv))
             assert (args.run_dir, args.tta) == (Path("ens"), tta), argv
+    # Only evaluate's, and not after `--` (a folder named "on").
+    assert _tta_words(["evaluate", "--", "--tta", "on"]) == ["evaluate", "--", "--tta", "on"]
+    assert _tta_words(["predict", "--tta", "on"]) == ["predict", "--tta", "on"]
 
 
 def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_dir, capsys,

@@ -322,11 +322,16 @@ def test_an_ensemble_folder_averages_its_members_as_evaluate_scores_them(tmp_pat
     line = json.loads(capsys.readouterr().out)
     assert line["prediction"] == int(np.argmax(classifier.probabilities(
         pp.preprocess(image.read_bytes())[None])))
-    (runs[1] / "report.json").unlink()
+    (runs[1] / "model.safetensors").unlink()
+    (runs[0] / "report.json").unlink()
     for command in (["predict", str(image)], ["serve"]):
         assert main([*command, "--checkpoint", str(ens)]) == 2
         err = capsys.readouterr().err
-        assert "member-1 not finished (or missing)" in err and "Traceback" not in err
+        assert "member-0 not finished (or missing)" in err and "Traceback" not in err
+    shutil.copy(DEFAULT_MODEL / "report.json", runs[0])  # finished again; member-1 lacks weights
+    assert main(["predict", str(image), "--checkpoint", str(ens)]) == 2
+    assert "member-1 is not a finished run folder: model.safetensors is missing" in (
+        capsys.readouterr().err)
 
 
 def test_serve_help_says_the_checkpoint_default_once(capsys):

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "any file could not be classified (the others still are).",
     )
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    pr.add_argument("--checkpoint", metavar="RUN_DIR", type=Path,
+    pr.add_argument("--checkpoint", metavar="DIR", type=Path,
                     help="a run or ensemble folder to use (an ensemble's members averaged, "
                          "through test-time augmentation if it was made with it; default: the "
                          "model shipped with the package)")
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="port to listen on")
     # '%(default).0s' prints nothing; its presence stops ArgumentDefaultsHelpFormatter from
     # adding '(default: None)' after the default said in words.
-    sv.add_argument("--checkpoint", metavar="RUN_DIR", type=Path,
+    sv.add_argument("--checkpoint", metavar="DIR", type=Path,
                     help="a run or ensemble folder to use (an ensemble's members averaged, "
                          "through test-time augmentation if it was made with it; default: the "
                          "model shipped with the package)%(default).0s")
@@ -545,9 +545,9 @@ def _end_distributed(dist) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mnist_cnn.ensemble import is_ensemble, member_dirs, write_ensemble_report
-    from mnist_cnn.evaluate import check_run, load_run, write_report
-    from mnist_cnn.train import read_history, run_finished
+    from mnist_cnn.ensemble import is_ensemble, ready_members, write_ensemble_report
+    from mnist_cnn.evaluate import load_run, write_report
+    from mnist_cnn.train import read_history
 
     device = _device(args.device)
     out = args.out or args.run_dir
@@ -562,20 +562,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif os.path.isdir(args.run_dir):  # else load_run says it is not a run folder
         _check_out(args.run_dir, "RUN_DIR", hint=" (give --out to write elsewhere)")
     if is_ensemble(args.run_dir):
-        members = member_dirs(args.run_dir)
-        done = [run_finished(r) for r in members]
-        if not all(done):
-            unfinished = [r.name for r, d in zip(members, done, strict=True) if not d]
-            finished = done.index(False)  # members 0 .. finished - 1 are finished
-            which = "member" if finished == 1 else f"{finished} members"
-            smaller = (f"; or, to use its first {which} only, that command with "
-                       f"--models {finished}") if finished else ""
-            raise UserError(
-                f"{args.run_dir}: {', '.join(unfinished)} not finished (or missing): run the "
-                f"mnist-cnn ensemble command that made it again, and it continues{smaller}")
         try:
-            for member in members:  # a member's weights deleted since it finished
-                check_run(member)
+            ready_members(args.run_dir)
         except FileNotFoundError as e:
             raise UserError(str(e)) from None
         data = _load_data(args)
@@ -739,11 +727,15 @@ def _print_report(report: dict, out: Path, wrote: bool = True) -> None:
 
 
 def _tta_words(argv: list[str]) -> list[str]:
-    """`--tta on` / `--tta off` (an older spelling) as the flags `--tta` / `--no-tta`: --tta
-    takes no value, so that in `evaluate --tta RUN_DIR` the folder stays the folder."""
+    """evaluate's `--tta on` / `--tta off` (an older spelling) as the flags `--tta` / `--no-tta`:
+    --tta takes no value, so that in `evaluate --tta RUN_DIR` the folder stays the folder."""
+    if argv[:1] != ["evaluate"]:
+        return argv
     out: list[str] = []
     for i, a in enumerate(argv):
-        if i and argv[i - 1] == "--tta" and a in ("on", "off"):
+        if "--" in argv[:i]:  # after `--` every word is a name
+            out.append(a)
+        elif argv[i - 1] == "--tta" and a in ("on", "off"):
             out[-1] = "--tta" if a == "on" else "--no-tta"
         elif a in ("--tta=on", "--tta=off"):
             out.append("--tta" if a == "--tta=on" else "--no-tta")

@@ -17,7 +17,7 @@ import torch
 from mnist_cnn.augment import transform
 from mnist_cnn.config import AUGMENT_VALUES, TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
-from mnist_cnn.evaluate import load_run, read_history, save_report, write_report
+from mnist_cnn.evaluate import check_run, load_run, read_history, save_report, write_report
 from mnist_cnn.train import (
     inference_precision,
     kept_teacher_probabilities,
@@ -58,6 +58,25 @@ def read_spec(folder: Path) -> dict:
 
 def member_dirs(folder: Path) -> list[Path]:
     return [Path(folder) / name for name in read_spec(folder)["members"]]
+
+
+def ready_members(folder: Path) -> list[Path]:
+    """An ensemble folder's members, checked before any is loaded: FileNotFoundError names the
+    unfinished ones (and how to continue them) or a member whose weights are gone."""
+    members = member_dirs(folder)
+    done = [run_finished(r) for r in members]
+    if not all(done):
+        unfinished = [r.name for r, d in zip(members, done, strict=True) if not d]
+        finished = done.index(False)  # members 0 .. finished - 1 are finished
+        which = "member" if finished == 1 else f"{finished} members"
+        smaller = (f"; or, to use its first {which} only, that command with "
+                   f"--models {finished}") if finished else ""
+        raise FileNotFoundError(
+            f"{folder}: {', '.join(unfinished)} not finished (or missing): run the mnist-cnn "
+            f"ensemble command that made it again, and it continues{smaller}")
+    for member in members:  # finished, then its weights deleted
+        check_run(member)
+    return members
 
 
 def finished_runs(folder: Path) -> list[Path]:

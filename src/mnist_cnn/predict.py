@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn.ensemble import is_ensemble, member_dirs, model_proba, read_spec
-from mnist_cnn.evaluate import check_run, load_run
+from mnist_cnn.ensemble import is_ensemble, model_proba, read_spec, ready_members
+from mnist_cnn.evaluate import load_run
 from mnist_cnn.preprocess import ImageError, preprocess, read_file
-from mnist_cnn.train import inference_precision, run_finished
+from mnist_cnn.train import inference_precision
 
 # The default model, trained by `mnist-cnn train` with the documented defaults and shipped in the
 # package (half precision), so predict and serve work right after install.
@@ -22,8 +22,8 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "weights"
 
 @dataclass
 class Classifier:
-    """A run's kept model, or an ensemble's members averaged, scoring as the folder's report.json
-    was scored: an ensemble through test-time augmentation when it was made with it."""
+    """A run's kept model, or an ensemble's members averaged: through test-time augmentation when
+    the ensemble was made with it (its ensemble.json), as `mnist-cnn ensemble` scored it."""
 
     models: list[tuple[nn.Module, torch.dtype | None]]  # each with its inference precision
     device: torch.device
@@ -36,14 +36,7 @@ class Classifier:
         folder = Path(folder) if folder else DEFAULT_MODEL
         runs, tta = [folder], False
         if is_ensemble(folder):
-            runs, tta = member_dirs(folder), bool(read_spec(folder).get("tta"))
-            unfinished = [r.name for r in runs if not run_finished(r)]
-            if unfinished:
-                raise FileNotFoundError(
-                    f"{folder}: {', '.join(unfinished)} not finished (or missing): run the "
-                    "mnist-cnn ensemble command that made it again, and it continues")
-            for run in runs:  # all checked before any is loaded
-                check_run(run)
+            runs, tta = ready_members(folder), bool(read_spec(folder).get("tta"))
         models = []
         for run in runs:
             cfg, model = load_run(run, device)
