@@ -38,9 +38,9 @@ MODEL_NAMES = ("reference", "strong")
 # Whether `mnist-cnn ensemble` scores its members and their average through test-time
 # augmentation (ensemble.TTA: the image and six shifted or turned copies) unless told: for the
 # reference layers yes (each of five members read more validation images right with it), for the
-# strong model no (the five together read validation the same with and without it, twice; of its
-# members only one fp32 seed was read, one validation image up; the reference five together
-# tied too). docs/RESULTS.md.
+# strong model no (the five together read validation the same with and without it, twice; of
+# three fp32 members two read more right with it, 1 and 2 images, and one the same; the three
+# together tied, as the reference five together did). docs/RESULTS.md.
 TTA_BY_DEFAULT = {"reference": True, "strong": False}
 
 # The settings that shape the augmentation: moot without it (--no-augment, --fast).
