@@ -731,17 +731,16 @@ def _tta_words(argv: list[str]) -> list[str]:
     --tta takes no value, so that in `evaluate --tta RUN_DIR` the folder stays the folder."""
     if argv[:1] != ["evaluate"]:
         return argv
+    end = argv.index("--") if "--" in argv else len(argv)  # after `--` every word is a name
     out: list[str] = []
-    for i, a in enumerate(argv):
-        if "--" in argv[:i]:  # after `--` every word is a name
-            out.append(a)
-        elif argv[i - 1] == "--tta" and a in ("on", "off"):
+    for i, a in enumerate(argv[:end]):
+        if argv[i - 1] == "--tta" and a in ("on", "off"):
             out[-1] = "--tta" if a == "on" else "--no-tta"
         elif a in ("--tta=on", "--tta=off"):
             out.append("--tta" if a == "--tta=on" else "--no-tta")
         else:
             out.append(a)
-    return out
+    return out + argv[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
