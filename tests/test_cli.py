@@ -382,6 +382,12 @@ def test_evaluating_a_run_without_metrics_keeps_what_its_report_says(tmp_path, d
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--data-dir", str(data_dir)]) == 2
     assert "already holds report.json: choose another --out" in capsys.readouterr().err
+    # Nor is it a model to predict with, or evaluate: said so, not as a missing config.json.
+    for argv in (["predict", str(out / "wrong_results.png"), "--checkpoint", str(out)],
+                 ["evaluate", str(out), "--data-dir", str(data_dir)]):
+        assert main(argv) == 2
+        assert "holds a report and figures but no model (what `mnist-cnn evaluate --out DIR` " \
+            "writes): give the run or ensemble folder it scored" in capsys.readouterr().err
 
 
 def test_under_torchrun_one_process_a_machine_prints_a_mistake(monkeypatch, capsys):

@@ -7,7 +7,7 @@ import torch
 from conftest import load_script
 
 from mnist_cnn.cli import main
-from mnist_cnn.config import TrainConfig
+from mnist_cnn.config import CorruptFile, TrainConfig
 from mnist_cnn.ensemble import ensemble_probas, member_dirs
 from mnist_cnn.model import StrongCNN, count_params
 from mnist_cnn.train import loss_and_accuracy, train
@@ -72,6 +72,12 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, mnist, capsys)
     assert plain["tta"] is False and plain["val_accuracy"] != report["val_accuracy"]
     assert plain["member_test_accuracy"] == [m["test_accuracy"] for m in members]
     assert json.loads((folder / "ensemble.json").read_text())["tta"] is True
+    # Re-scored in place, the folder follows: ensemble.json says what its report.json does (the
+    # setting predict, serve and a continued `mnist-cnn ensemble` use).
+    assert main(["evaluate", str(folder), "--no-tta", "--data-dir", str(data_dir)]) == 0
+    assert json.loads((folder / "report.json").read_text())["val_accuracy"] == plain["val_accuracy"]
+    assert json.loads((folder / "ensemble.json").read_text()) == {
+        "members": ["member-0", "member-1"], "tta": False}
 
     # The results tables' script reads an ensemble folder and a plain run folder alike.
     summarize = load_script("summarize_runs").summarize
@@ -84,6 +90,10 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, mnist, capsys)
     last = [json.loads(line) for line in (member_dirs(folder)[1] / "metrics.jsonl").read_text()
             .splitlines()][-1]
     assert one["val_raw"] == f"{100 * last['val_accuracy_raw']:.3f} ± 0.000"
+    # A damaged ensemble report is named as one.
+    (folder / "report.json").write_text("[]")
+    with pytest.raises(CorruptFile, match="cannot be read as an ensemble's report.json"):
+        summarize(folder)
     # An ensemble stopped during its second member: the finished one is summarized, alone.
     (folder / "report.json").unlink()
     (member_dirs(folder)[1] / "report.json").unlink()

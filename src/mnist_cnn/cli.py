@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write report.json and figures (default: RUN_DIR)")
     e.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="ensemble folders: score with or without test-time augmentation (also "
-                        "spelled --tta on, --tta off; default: as the ensemble was made)")
+                        "spelled --tta on, --tta off; default: as the ensemble was made; "
+                        "scored in place, the folder keeps the choice for predict and serve)")
     pr = sub.add_parser(
         "predict", help="classify digits in image files",
         description="Classify the digit in each image (PNG, JPEG, BMP, GIF, WebP; any size, "

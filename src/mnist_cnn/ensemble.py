@@ -194,23 +194,23 @@ def write_ensemble_report(
     folder: Path, out: Path, data: MNIST, device: torch.device, tta: bool | None = None
 ) -> dict:
     """Score the averaged members on validation and test; report.json and figures into out.
-    `tta` overrides the ensemble's own setting (evaluate --tta on|off)."""
+    `tta` overrides the ensemble's own setting (evaluate --tta, --no-tta)."""
     spec = read_spec(folder)
-    if tta is not None:
-        spec["tta"] = tta
+    made_with = bool(spec.get("tta"))
+    tta = made_with if tta is None else tta
     runs = [Path(folder) / name for name in spec["members"]]
     members = [read_report(r, needs=("params", "best_epoch", "train_seconds")) for r in runs]
     first = TrainConfig.load(runs[0] / "config.json")
-    outputs = member_probas(runs, [data.test_images, data.val_images], device, spec["tta"])
+    outputs = member_probas(runs, [data.test_images, data.val_images], device, tta)
     test_proba, val_proba = average(outputs)
     # Each member scored as the ensemble is (through the same views when TTA is on); the
     # members' own report.json files score them without TTA, as `mnist-cnn train` does.
     accs = [loss_and_accuracy(m[0], data.test_labels)[1] for m in outputs]
-    return save_report(
+    report = save_report(
         out, test_proba, val_proba, data, [read_history(r) for r in runs],
         sum(m["params"] for m in members),
         {
-            "model": first.model, "members": len(runs), "tta": spec["tta"],
+            "model": first.model, "members": len(runs), "tta": tta,
             # The ensemble has no best epoch of its own: each member was picked at its own.
             "best_epoch": None, "member_best_epoch": [m["best_epoch"] for m in members],
             "member_test_accuracy": accs,
@@ -222,3 +222,8 @@ def write_ensemble_report(
         },
         first.seed, first.select,
     )
+    if tta != made_with and Path(out).resolve() == Path(folder).resolve():
+        # Re-scored in place: ensemble.json follows report.json (once it is written), so that
+        # predict, serve and a continued `mnist-cnn ensemble` score the folder as it says.
+        write_json(Path(folder) / "ensemble.json", {**spec, "tta": tta})
+    return report

@@ -34,6 +34,12 @@ def check_run(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise FileNotFoundError(f"{run_dir} does not exist")
+    if (run_dir / "report.json").is_file() and not any(
+        (run_dir / name).exists() for name in ("config.json", "model.safetensors")
+    ):
+        raise FileNotFoundError(
+            f"{run_dir} holds a report and figures but no model (what `mnist-cnn evaluate --out "
+            "DIR` writes): give the run or ensemble folder it scored")
     for name in ("config.json", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(

@@ -381,9 +381,11 @@ REPORT_KEYS = ("test_accuracy", "test_errors", "val_accuracy", "epochs", "best_e
 
 
 def read_report(run_dir: Path, needs: tuple[str, ...] = REPORT_KEYS) -> dict:
-    """A run folder's report.json; a damaged one, or one without the keys `needs`, is a
-    CorruptFile."""
+    """A run (or ensemble) folder's report.json; a damaged one, or one without the keys `needs`,
+    is a CorruptFile."""
     path = Path(run_dir) / "report.json"
+    # ensemble.is_ensemble, written out: ensemble.py imports this module.
+    what = ("an ensemble's" if (Path(run_dir) / "ensemble.json").is_file() else "a run's")
     try:
         report = json.loads(path.read_text())
         if not isinstance(report, dict):
@@ -392,7 +394,7 @@ def read_report(run_dir: Path, needs: tuple[str, ...] = REPORT_KEYS) -> dict:
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
     except (ValueError, TypeError, KeyError) as e:
-        raise corrupt(path, "a run's report.json", e) from None
+        raise corrupt(path, f"{what} report.json", e) from None
     return report
 
 
