@@ -313,6 +313,7 @@ def test_an_ensemble_folder_averages_its_members_as_evaluate_scores_them(tmp_pat
                                                        "tta": tta}))
         classifier = Classifier.load(ens)
         assert classifier.tta is tta and len(classifier.models) == 2
+        assert classifier.about == "an ensemble of 2 strong models from ens"  # no report yet
         expected = ensemble_probas(runs, [images], torch.device("cpu"), tta)[0].numpy()
         np.testing.assert_allclose(classifier.probabilities(images.numpy()), expected, atol=1e-6)
     # On the command line too; a member not finished is named, for predict and serve alike.

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from mnist_cnn import serve
-from mnist_cnn.predict import Classifier
+from mnist_cnn.predict import DEFAULT_MODEL, Classifier
 
 
 def png(array: np.ndarray) -> bytes:
@@ -116,7 +116,13 @@ def test_page_and_schema(client):
     schema = client.get("/openapi.json").json()
     op = schema["paths"]["/api/predict"]["post"]
     assert "multipart/form-data" in op["requestBody"]["content"]
-    assert client.get("/api/health").json()["status"] == "ok"
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok"
+    # The page names the model that answers, as /api/health describes it.
+    shipped = json.loads((DEFAULT_MODEL / "report.json").read_text())
+    assert health["model"] == (f"a strong model shipped with mnist-cnn, "
+                               f"{100 * shipped['test_accuracy']:.2f}% on the MNIST test set")
+    assert 'id="model"' in page.text and '"/api/health"' in page.text
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +189,7 @@ def test_draw_a_digit_in_a_real_browser(server, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=900,700",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=900,780",
                 "--disable-dev-shm-usage"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(DRIVER))
@@ -203,6 +209,8 @@ def test_draw_a_digit_in_a_real_browser(server, tmp_path):
         WebDriverWait(driver, 20).until(lambda d: label.text.strip() not in ("", "–"))
         time.sleep(0.5)  # let the last request of the stroke land
         assert label.text.strip() == "7"
+        # The footer names the model, from /api/health.
+        assert driver.find_element(By.ID, "model").text.startswith("Model: a strong model shipped")
         shot = Path(os.environ.get("MNIST_CNN_SCREENSHOT", tmp_path / "serve.png"))
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000

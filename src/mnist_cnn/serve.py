@@ -2,7 +2,7 @@
 
     GET  /              the drawing page (static/index.html)
     POST /api/predict   multipart field `image` → {"prediction": 7, "probabilities": [10 floats]}
-    GET  /api/health    {"status": "ok"}
+    GET  /api/health    {"status": "ok", "version": ..., "model": which model answers, in words}
     GET  /openapi.json  the API's OpenAPI schema (FastAPI writes it from the code below)
 
 Bad input gets a 4xx JSON error ({"detail": "..."}), never a 500: uploads are capped in bytes
@@ -89,7 +89,7 @@ def create_app(classifier: Classifier) -> FastAPI:
 
     @app.get("/api/health")
     def health() -> dict:
-        return {"status": "ok", "version": __version__}
+        return {"status": "ok", "version": __version__, "model": classifier.about}
 
     @app.post(
         "/api/predict",
