@@ -10,6 +10,7 @@ from mnist_cnn.cli import main
 from mnist_cnn.config import CorruptFile, TrainConfig
 from mnist_cnn.ensemble import ensemble_probas, member_dirs
 from mnist_cnn.model import StrongCNN, count_params
+from mnist_cnn.predict import Classifier
 from mnist_cnn.train import loss_and_accuracy, train
 
 TINY = ["--epochs", "1", "--train-subset", "1500", "--batch-size", "128", "--precision", "fp32"]
@@ -78,6 +79,7 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, mnist, capsys)
     assert json.loads((folder / "report.json").read_text())["val_accuracy"] == plain["val_accuracy"]
     assert json.loads((folder / "ensemble.json").read_text()) == {
         "members": ["member-0", "member-1"], "tta": False}
+    assert Classifier.load(folder).tta is False
 
     # The results tables' script reads an ensemble folder and a plain run folder alike.
     summarize = load_script("summarize_runs").summarize

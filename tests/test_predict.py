@@ -335,6 +335,30 @@ def test_an_ensemble_folder_averages_its_members_as_evaluate_scores_them(tmp_pat
         capsys.readouterr().err)
 
 
+def test_the_model_is_described_by_kind_folder_name_and_test_accuracy(tmp_path, monkeypatch):
+    # What serve's page shows: no path of this machine, only a folder's name, printable.
+    import os
+    import shutil
+
+    from mnist_cnn.predict import describe
+
+    kind = json.loads((DEFAULT_MODEL / "config.json").read_text())["model"]
+    report = json.loads((DEFAULT_MODEL / "report.json").read_text())
+    accuracy = f"{100 * report['test_accuracy']:.2f}% on the MNIST test set"
+    run = tmp_path / "my run"
+    shutil.copytree(DEFAULT_MODEL, run)
+    monkeypatch.chdir(tmp_path)
+    assert Classifier.load(Path(run.name)).about == f"a {kind} model from my run, {accuracy}"
+    # The shipped folder is the shipped model however it is named.
+    assert Classifier.load(Path(os.path.relpath(DEFAULT_MODEL))).about == (
+        f"a {kind} model shipped with mnist-cnn, {accuracy}")
+    # A report whose accuracy is not a number: the model still loads, described without it.
+    (run / "report.json").write_text(json.dumps({**report, "test_accuracy": "high"}))
+    assert Classifier.load(run).about == f"a {kind} model from my run"
+    # A name that is not UTF-8 (the byte 0xff) is escaped: JSON and the page can carry it.
+    assert describe(Path("my\udcffrun"), "a model") == "a model from my\\xffrun"
+
+
 def test_serve_help_says_the_checkpoint_default_once(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])

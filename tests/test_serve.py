@@ -120,7 +120,8 @@ def test_page_and_schema(client):
     assert health["status"] == "ok"
     # The page names the model that answers, as /api/health describes it.
     shipped = json.loads((DEFAULT_MODEL / "report.json").read_text())
-    assert health["model"] == (f"a strong model shipped with mnist-cnn, "
+    kind = json.loads((DEFAULT_MODEL / "config.json").read_text())["model"]
+    assert health["model"] == (f"a {kind} model shipped with mnist-cnn, "
                                f"{100 * shipped['test_accuracy']:.2f}% on the MNIST test set")
     assert 'id="model"' in page.text and '"/api/health"' in page.text
 
@@ -210,7 +211,8 @@ def test_draw_a_digit_in_a_real_browser(server, tmp_path):
         time.sleep(0.5)  # let the last request of the stroke land
         assert label.text.strip() == "7"
         # The footer names the model, from /api/health.
-        assert driver.find_element(By.ID, "model").text.startswith("Model: a strong model shipped")
+        assert driver.find_element(By.ID, "model").text.startswith("Model: a ") and (
+            "model shipped with mnist-cnn" in driver.find_element(By.ID, "model").text)
         shot = Path(os.environ.get("MNIST_CNN_SCREENSHOT", tmp_path / "serve.png"))
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000

@@ -16,7 +16,7 @@ from mnist_cnn.evaluate import load_run
 from mnist_cnn.preprocess import ImageError, preprocess, read_file
 from mnist_cnn.train import inference_precision, read_report
 
-# The default model, trained by `mnist-cnn train` with the documented defaults and shipped in the
+# The default model, trained by `mnist-cnn train --model strong` (seed 0) and shipped in the
 # package (half precision), so predict and serve work right after install.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights"
 
@@ -36,15 +36,18 @@ class Classifier:
         """FileNotFoundError for a folder that is not a finished run or ensemble."""
         device = device or torch.device("cpu")
         folder = Path(folder) if folder else DEFAULT_MODEL
-        runs, tta = [folder], False
-        if is_ensemble(folder):
+        runs, tta, ensemble = [folder], False, is_ensemble(folder)
+        if ensemble:
             runs, tta = ready_members(folder), bool(read_spec(folder).get("tta"))
         models, kinds = [], set()
         for run in runs:
             cfg, model = load_run(run, device)
             models.append((model.eval(), inference_precision(cfg.precision, device)))
             kinds.add(cfg.model)
-        return cls(models, device, tta, describe(folder, len(runs), "/".join(sorted(kinds))))
+        kind = "/".join(sorted(kinds))
+        what = (f"an ensemble of {len(runs)} {kind} model{'s' if len(runs) > 1 else ''}"
+                if ensemble else f"a {kind} model")
+        return cls(models, device, tta, describe(folder, what))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, 28, 28] MNIST-style images → probabilities [N, 10]."""
@@ -54,16 +57,18 @@ class Classifier:
         return (total / len(self.models)).numpy()
 
 
-def describe(folder: Path, members: int, kind: str) -> str:
-    """'a strong model shipped with mnist-cnn, 99.69% on the MNIST test set': the folder by its
-    name only (a page served to others should not show this machine's paths)."""
-    what = (f"an ensemble of {members} {kind} models" if is_ensemble(folder)
-            else f"a {kind} model")
-    where = "shipped with mnist-cnn" if folder == DEFAULT_MODEL else f"from {folder.resolve().name}"
+def describe(folder: Path, what: str) -> str:
+    """'a strong model shipped with mnist-cnn, 99.69% on the MNIST test set': `what` and where
+    from, by the folder's name only (a page served to others should not show this machine's
+    paths), and its report's test accuracy where it has one."""
+    where = ("shipped with mnist-cnn" if folder.resolve() == DEFAULT_MODEL
+             else f"from {printable(folder.resolve().name)}")
     try:
         accuracy = read_report(folder, needs=("test_accuracy",))["test_accuracy"]
     except (OSError, CorruptFile):  # no report (an ensemble stopped before it was scored)
-        return f"{what} {where}"
+        accuracy = None
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
+        return f"{what} {where}"  # none, or an edited one: the model is still usable
     return f"{what} {where}, {100 * accuracy:.2f}% on the MNIST test set"
 
 
@@ -114,7 +119,7 @@ def predict_file(classifier: Classifier, path: str) -> Prediction:
 
 def predict_files(classifier: Classifier, paths: Iterable[str]) -> Iterator[Prediction]:
     """Each file's result in turn, as soon as it is ready, so that a caller can show it at once
-    (decoding a large photo takes far longer than the model's under 1 ms an image)."""
+    (decoding a large photo can take far longer than classifying it)."""
     for path in paths:
         yield predict_file(classifier, path)
 

@@ -383,9 +383,10 @@ REPORT_KEYS = ("test_accuracy", "test_errors", "val_accuracy", "epochs", "best_e
 def read_report(run_dir: Path, needs: tuple[str, ...] = REPORT_KEYS) -> dict:
     """A run (or ensemble) folder's report.json; a damaged one, or one without the keys `needs`,
     is a CorruptFile."""
+    from mnist_cnn.ensemble import is_ensemble  # ensemble imports train
+
     path = Path(run_dir) / "report.json"
-    # ensemble.is_ensemble, written out: ensemble.py imports this module.
-    what = ("an ensemble's" if (Path(run_dir) / "ensemble.json").is_file() else "a run's")
+    what = "an ensemble's" if is_ensemble(run_dir) else "a run's"
     try:
         report = json.loads(path.read_text())
         if not isinstance(report, dict):
