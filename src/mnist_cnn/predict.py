@@ -61,8 +61,9 @@ def describe(folder: Path, what: str) -> str:
     """'a strong model shipped with mnist-cnn, 99.69% on the MNIST test set': `what` and where
     from, by the folder's name only (a page served to others should not show this machine's
     paths), and its report's test accuracy where it has one."""
-    where = ("shipped with mnist-cnn" if folder.resolve() == DEFAULT_MODEL
-             else f"from {printable(folder.resolve().name)}")
+    resolved = folder.resolve()
+    where = ("shipped with mnist-cnn" if resolved == DEFAULT_MODEL
+             else f"from {printable(resolved.name)}")
     try:
         accuracy = read_report(folder, needs=("test_accuracy",))["test_accuracy"]
     except (OSError, CorruptFile):  # no report (an ensemble stopped before it was scored)

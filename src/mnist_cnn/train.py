@@ -386,7 +386,6 @@ def read_report(run_dir: Path, needs: tuple[str, ...] = REPORT_KEYS) -> dict:
     from mnist_cnn.ensemble import is_ensemble  # ensemble imports train
 
     path = Path(run_dir) / "report.json"
-    what = "an ensemble's" if is_ensemble(run_dir) else "a run's"
     try:
         report = json.loads(path.read_text())
         if not isinstance(report, dict):
@@ -395,6 +394,7 @@ def read_report(run_dir: Path, needs: tuple[str, ...] = REPORT_KEYS) -> dict:
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
     except (ValueError, TypeError, KeyError) as e:
+        what = "an ensemble's" if is_ensemble(run_dir) else "a run's"  # only when it is said
         raise corrupt(path, f"{what} report.json", e) from None
     return report
 
