@@ -18,13 +18,12 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from mnist_cnn.config import TrainConfig, write_json
 from mnist_cnn.data import load_mnist, resolve_data_dir
 from mnist_cnn.ensemble import is_ensemble, member_dirs, write_ensemble_report
 from mnist_cnn.evaluate import read_history, write_report
-from mnist_cnn.train import prepare_model, save_weights
+from mnist_cnn.train import prepare_model, read_safetensors, save_weights
 
 CPU = torch.device("cpu")
 
@@ -34,7 +33,7 @@ def keep_last(run: Path, out: Path, data) -> dict:
     history = read_history(run)
     if len(history) != cfg.epochs:
         sys.exit(f"{run} is not finished: {len(history)} of {cfg.epochs} epochs")
-    tensors = load_file(str(run / "checkpoint.safetensors"))
+    tensors, _ = read_safetensors(run / "checkpoint.safetensors")
     prefix = "ema." if cfg.ema > 0 else "model."
     model = prepare_model(cfg, CPU)
     model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -13,17 +13,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from mnist_cnn.config import write_json
-from mnist_cnn.train import _atomic_save
+from mnist_cnn.train import _atomic_save, read_safetensors
 
 run = Path(sys.argv[1])
 target = Path(__file__).resolve().parents[1] / "src" / "mnist_cnn" / "weights"
 target.mkdir(exist_ok=True)
 # Floating-point tensors only: batch norm's step counters (int64) stay integers.
 tensors = {k: v.half() if v.is_floating_point() else v
-           for k, v in load_file(str(run / "model.safetensors")).items()}
+           for k, v in read_safetensors(run / "model.safetensors")[0].items()}
 # Written as every run's weights are (readable by all, atomically), not by save_file.
 _atomic_save(tensors, target / "model.safetensors", {"source": "/".join(run.resolve().parts[-2:])})
 shutil.copy(run / "report.json", target / "report.json")

@@ -388,6 +388,10 @@ def test_evaluating_a_run_without_metrics_keeps_what_its_report_says(tmp_path, d
         assert main(argv) == 2
         assert "holds a report and figures but no model (what `mnist-cnn evaluate --out DIR` " \
             "writes): give the run or ensemble folder it scored" in capsys.readouterr().err
+    # A run that lost its config.json and weights is not taken for one.
+    (out / "metrics.jsonl").write_text("")
+    assert main(["evaluate", str(out), "--data-dir", str(data_dir)]) == 2
+    assert "is not a finished run folder: config.json is missing" in capsys.readouterr().err
 
 
 def test_under_torchrun_one_process_a_machine_prints_a_mistake(monkeypatch, capsys):

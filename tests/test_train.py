@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -68,7 +69,8 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path, opt
         if line.startswith("epoch   1/"):
             raise KeyboardInterrupt
 
-    run = tmp_path / "cut"
+    # A folder whose name is not UTF-8 (Latin-1 é): its safetensors files read as any others.
+    run = tmp_path / os.fsdecode(b"cut-\xe9")
     with pytest.raises(Interrupted) as stop:
         train(cfg, run, mnist, CPU, progress=False, log=ctrl_c_after_first_epoch)
     assert stop.value.epochs_done == 1
@@ -92,6 +94,9 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(mnist, tmp_path, opt
     assert not run_finished(run)
     write_json(run / "report.json", {"epochs": cfg.epochs})
     assert run_finished(run)
+    kept = load_run(run, CPU)[1].state_dict()
+    same = load_run(tmp_path / "full", CPU)[1].state_dict()
+    assert all(torch.equal(kept[k], same[k]) for k in same)
 
 
 def test_select_keeps_the_last_or_the_best_epoch(mnist, tmp_path):

@@ -34,8 +34,10 @@ def check_run(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise FileNotFoundError(f"{run_dir} does not exist")
+    # What `evaluate --out` writes: a report, no model, and no training's metrics.jsonl (a run
+    # that lost its config.json and weights keeps that, and is told what it is missing).
     if (run_dir / "report.json").is_file() and not any(
-        (run_dir / name).exists() for name in ("config.json", "model.safetensors")
+        (run_dir / name).exists() for name in ("config.json", "model.safetensors", "metrics.jsonl")
     ):
         raise FileNotFoundError(
             f"{run_dir} holds a report and figures but no model (what `mnist-cnn evaluate --out "

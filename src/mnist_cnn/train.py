@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import nn
 from tqdm import tqdm
 
@@ -221,11 +221,11 @@ def kept_teacher_probabilities(run_dir: Path, cfg: TrainConfig) -> torch.Tensor 
     row per training image: they are a copy, and the teacher, where it still is, labels the
     images again."""
     try:
-        with safe_open(str(run_dir / TEACHER_FILE), framework="pt") as f:
-            if json.loads((f.metadata() or {}).get("teacher", "null")) != cfg.teacher:
-                return None
-            p = f.get_tensor("probabilities").float()
-    except (OSError, SafetensorError, ValueError):  # absent, or damaged
+        tensors, meta = read_safetensors(run_dir / TEACHER_FILE)
+        if json.loads(meta.get("teacher", "null")) != cfg.teacher:
+            return None
+        p = tensors["probabilities"].float()
+    except (OSError, SafetensorError, ValueError, KeyError):  # absent, or damaged
         return None
     return p if p.shape == (min(cfg.train_subset or TRAIN_SIZE, TRAIN_SIZE), 10) else None
 
@@ -287,8 +287,8 @@ def save_weights(path: Path, model: nn.Module, metadata: dict | None = None) -> 
 def load_weights(path: Path, model: nn.Module) -> None:
     what = f"weights of the {type(model).__name__} its config.json names"
     try:
-        tensors = load_file(str(path))
-    except SafetensorError as e:  # truncated or not safetensors
+        tensors, _ = read_safetensors(path)
+    except (SafetensorError, ValueError) as e:  # truncated or not safetensors
         raise corrupt(path, what, e) from None
     _load_state(model, tensors, path, what)
 
@@ -307,6 +307,27 @@ def _load_state(module: nn.Module, tensors: dict, path: Path, what: str) -> None
             raise corrupt(path, what, ValueError(
                 f"{name} has shape {list(tensor.shape)}, the model's is {want}"))
     module.load_state_dict(tensors)
+
+
+def read_safetensors(
+    path: Path, tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and the metadata in its header (with tensors=False, the
+    header alone is read). Python reads the file and safetensors parses the bytes: its own file
+    functions take only paths that are valid UTF-8, and would call a file in a folder named in
+    another encoding damaged. Raises SafetensorError or ValueError for a damaged file."""
+    with open(path, "rb") as f:
+        # The format: the header's length (8 bytes, little-endian), the header (JSON), the data.
+        head = f.read(8)
+        size = int.from_bytes(head, "little")
+        if len(head) < 8 or size > 100_000_000:
+            raise ValueError("no safetensors header")
+        header = f.read(size)
+        data = f.read() if tensors else b""
+    meta = json.loads(header).get("__metadata__") if header.startswith(b"{") else None
+    if not isinstance(meta, (dict, type(None))):
+        raise ValueError("its metadata is not a JSON object")
+    return (load(head + header + data) if tensors else {}), meta or {}
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -402,8 +423,7 @@ def read_report(run_dir: Path, needs: tuple[str, ...] = REPORT_KEYS) -> dict:
 def _checkpoint_state(path: Path) -> dict:
     """The training state in a checkpoint's header (epoch, step, ...), without its tensors."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["state"])
+        return json.loads(read_safetensors(path, tensors=False)[1]["state"])
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise corrupt(path, "a training checkpoint", e) from None
 
@@ -411,8 +431,8 @@ def _checkpoint_state(path: Path) -> dict:
 def _load_checkpoint(path: Path, model, ema, optimizer, device) -> dict:
     state = _checkpoint_state(path)
     try:
-        tensors = load_file(str(path), device=str(device))
-    except SafetensorError as e:
+        tensors = {k: v.to(device) for k, v in read_safetensors(path)[0].items()}
+    except (SafetensorError, ValueError) as e:
         raise corrupt(path, "a training checkpoint", e) from None
     what = f"a training checkpoint of the {type(model).__name__} its config.json names"
     _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path, what)
