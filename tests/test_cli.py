@@ -76,13 +76,21 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
     assert main(["evaluate", str(stopped), "--out", str(tmp_path / "eval2"), *args]) == 0
     err = capsys.readouterr().err
     assert f"{stopped} stopped after epoch 2 of 3; scoring" in err  # no checkpoint: no --resume
+    # predict uses its model too, and says the same.
+    from PIL import Image
+
+    Image.new("L", (40, 40), 255).save(tmp_path / "blank.png")
+    main(["predict", str(tmp_path / "blank.png"), "--checkpoint", str(stopped)])
+    assert f"{stopped} stopped after epoch 2 of 3; predicting with the model it has kept so " \
+        "far" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["evaluate", "/nonexistent/run"], "/nonexistent/run does not exist"),
-        (["evaluate", "/nonexistent/run", "--tta", "on"], "apply to ensemble folders"),
+        # A mistyped folder is said to be missing, not taken for a single run.
+        (["evaluate", "/nonexistent/run", "--tta", "on"], "/nonexistent/run does not exist"),
         (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
         (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
         (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
@@ -327,6 +335,7 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
         (["evaluate", str(DEFAULT_MODEL), "--out", str(run)], "holds another run: its report.json"),
         (["evaluate", str(DEFAULT_MODEL), "--out", str(ens)], "holds an ensemble: its report.json"),
         (["evaluate", str(ens), *data], "member-0, member-1 not finished (or missing)"),
+        (["evaluate", str(DEFAULT_MODEL), "--tta", "on", *data], "apply to ensemble folders"),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -510,6 +519,20 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
         err = capsys.readouterr().err
         made = err.split("→ ")[1].split()[0]  # "Ensemble of 2 ... → runs/<date-time>"
         assert made.startswith("runs") and f"same command with --out {made} (it" in err
+
+    # Stopped while members or the ensemble are scored (no training under way): the same hint,
+    # not a bare 'Interrupted.'
+    def ctrl_c_while_scoring(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        m.setattr(ensemble, "train_members", ctrl_c_while_scoring)
+        assert main(["ensemble", "--models", "2", "--data-dir", str(data_dir)]) == 130
+        err = capsys.readouterr().err
+        made = err.split("→ ")[1].split()[0]
+        assert f"Interrupted while scoring in {made}; trained members are kept" in err
+        assert f"same command with --out {made} (it" in err
 
     run = tmp_path / "b"
 

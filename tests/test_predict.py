@@ -117,6 +117,24 @@ def test_bad_images_get_clear_errors(data, message):
         pp.preprocess(data)
 
 
+def test_specks_scattered_over_a_large_image_are_no_digit():
+    # Just over 0.1% of the pixels dark, one by one over 3,000 × 3,000: enough to pass for ink,
+    # averaged away to nothing at 20 px (the centre of mass was 0/0).
+    paper = np.ones((3000, 3000), np.float32)
+    paper[np.random.default_rng(0).random(paper.shape) < 0.00105] = 0.0
+    with pytest.raises(pp.ImageError, match="no digit found: the ink is scattered specks"):
+        pp.to_mnist(paper)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_a_damaged_exif_block_is_ignored(fmt):
+    canvas = np.full((60, 60), 255, np.uint8)
+    canvas[10:50, 28:32] = 0
+    plain = pp.preprocess(png(canvas, fmt=fmt, lossless=True))
+    assert np.array_equal(pp.preprocess(png(canvas, fmt=fmt, lossless=True,
+                                            exif=b"Exif\x00\x00not a TIFF header")), plain)
+
+
 def test_enormous_image_is_refused(monkeypatch):
     monkeypatch.setattr(pp, "MAX_PIXELS", 100 * 100)
     with pytest.raises(pp.ImageError, match="too large"):
@@ -186,7 +204,7 @@ def test_a_bf16_run_is_scored_in_fp32_where_bf16_is_not_native(tmp_path, monkeyp
     assert train.inference_precision("auto", torch.device("cpu")) is torch.bfloat16
 
 
-def test_saved_images_of_files_with_the_same_stem_all_kept(tmp_path, mnist):
+def test_saved_images_of_files_with_the_same_stem_all_kept(tmp_path, mnist, capsys):
     for folder in "ab":
         (tmp_path / folder).mkdir()
     files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "b" / "x.jpg"]
@@ -200,6 +218,15 @@ def test_saved_images_of_files_with_the_same_stem_all_kept(tmp_path, mnist):
     for path, name in zip(files, saved, strict=True):
         expected = pp.preprocess(path.read_bytes())
         assert np.array_equal(np.asarray(Image.open(out_dir / name)), expected), name
+    # Into the inputs' own folder: they are neither overwritten nor read after being replaced
+    # (a/x.png, read second, is still the 7), and nothing already there is written over.
+    original = files[0].read_bytes()
+    capsys.readouterr()
+    assert main(["predict", str(files[1]), str(files[0]), "--json",
+                 "--save-preprocessed", str(tmp_path / "a")]) == 0
+    assert [json.loads(s)["prediction"] for s in capsys.readouterr().out.splitlines()] == [2, 7]
+    assert files[0].read_bytes() == original
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x-2.png", "x-3.png", "x.png"]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes and /dev/zero")

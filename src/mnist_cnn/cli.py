@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help='one JSON object per line and file: {"file", "prediction", '
                          '"probabilities"} or {"file", "error"}')
     pr.add_argument("--save-preprocessed", metavar="DIR", type=Path,
-                    help="write the 28×28 images the model saw into DIR")
+                    help="write the 28×28 images the model saw into DIR (x.png for x.jpg; "
+                         "files already there are kept: x-2.png, x-3.png instead)")
     pr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                     help="where to compute (default: cpu)")
     b = sub.add_parser(
@@ -571,22 +572,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report = write_ensemble_report(args.run_dir, out, data, device, args.tta)
         _print_report(report, out)
         return 0
+    try:
+        cfg, model = load_run(args.run_dir, device)  # first: a mistyped folder is said as such
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     if args.tta is not None:
         raise UserError("--tta and --no-tta apply to ensemble folders (made by mnist-cnn "
                         "ensemble)")
-    try:
-        cfg, model = load_run(args.run_dir, device)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
     history = read_history(args.run_dir)  # empty without metrics.jsonl (the shipped model)
-    if 0 < len(history) < cfg.epochs:
-        resume = (f" (mnist-cnn train --resume {args.run_dir} continues it)"
-                  if (args.run_dir / "checkpoint.safetensors").is_file() else "")
-        print(f"mnist-cnn: note: {args.run_dir} stopped after epoch {len(history)} of "
-              f"{cfg.epochs}{resume}; scoring the model it has kept so far", file=sys.stderr)
+    _note_if_unfinished(args.run_dir, len(history), cfg.epochs, "scoring")
     report = write_report(args.run_dir, out, model, cfg, _load_data(args), device, history)
     _print_report(report, out)
     return 0
+
+
+def _note_if_unfinished(run_dir: Path, done: int, epochs: int, doing: str) -> None:
+    """A run stopped before its last epoch (or still training) has a model to use: evaluate,
+    predict and serve use it, and say so."""
+    if 0 < done < epochs:
+        resume = (f" (mnist-cnn train --resume {run_dir} continues it)"
+                  if (run_dir / "checkpoint.safetensors").is_file() else "")
+        print(f"mnist-cnn: note: {run_dir} stopped after epoch {done} of {epochs}{resume}; "
+              f"{doing} the model it has kept so far", file=sys.stderr)
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -609,6 +616,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     data = _load_data(args)
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"
           f"{cfg.seed + args.models - 1} → {folder}", file=sys.stderr)
+    # Without --out the same command would start a new folder: name this one.
+    again = "the same command" if args.out else f"the same command with --out {folder}"
     try:
         if args.tta is not None:
             tta = args.tta
@@ -618,15 +627,17 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             tta = TTA_BY_DEFAULT[cfg.model]
         train_members(cfg, folder, args.models, data, device, tta,
                       progress=sys.stderr.isatty(), log=lambda s: print(s, flush=True))
+        report = write_ensemble_report(folder, folder, data, device)
     except RecipeMismatch as e:
         raise UserError(str(e)) from None
     except Interrupted as stop:
-        # Without --out the same command would start a new folder: name this one.
-        again = "the same command" if args.out else f"the same command with --out {folder}"
         print(f"\nInterrupted in {stop.run_dir}; finished members are kept.\n"
               f"Continue with {again} (it reuses them).", file=sys.stderr)
         return 130
-    report = write_ensemble_report(folder, folder, data, device)
+    except KeyboardInterrupt:  # while a member, the teacher or the ensemble was being scored
+        print(f"\nInterrupted while scoring in {folder}; trained members are kept.\n"
+              f"Continue with {again} (it reuses them).", file=sys.stderr)
+        return 130
     print(f"members{' (test-time augmentation)' if tta else ''}: "
           f"{', '.join(f'{100 * a:.2f}%' for a in report['member_test_accuracy'])} "
           f"(mean {100 * report['member_test_accuracy_mean']:.3f}%)")
@@ -674,17 +685,29 @@ def _predict_and_print(args: argparse.Namespace, classifier) -> int:
             ranked = "  ".join(f"{k} {100 * r.probabilities[k]:5.1f}%" for k in top)
             print(f"{r.shown_name}: {r.label}   ({ranked})", flush=True)
         if args.save_preprocessed and r.image is not None:
-            Image.fromarray(r.image).save(args.save_preprocessed / unique_png_name(r.name, saved))
+            folder = args.save_preprocessed
+            Image.fromarray(r.image).save(folder / unique_png_name(r.name, saved, folder))
     return 1 if failed else 0
 
 
 def _classifier(args: argparse.Namespace):
+    from mnist_cnn.ensemble import is_ensemble
     from mnist_cnn.predict import Classifier
+    from mnist_cnn.train import read_history
 
     try:
-        return Classifier.load(args.checkpoint, _device(args.device))
+        classifier = Classifier.load(args.checkpoint, _device(args.device))
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
+    if args.checkpoint and not is_ensemble(args.checkpoint):  # an ensemble's members are finished
+        try:
+            done = len(read_history(args.checkpoint))
+        except CorruptFile:  # its metrics do not matter here: the model was read
+            done = 0
+        epochs = TrainConfig.load(args.checkpoint / "config.json").epochs
+        doing = "serving" if args.command == "serve" else "predicting with"
+        _note_if_unfinished(args.checkpoint, done, epochs, doing)
+    return classifier
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,13 +126,14 @@ def predict_files(classifier: Classifier, paths: Iterable[str]) -> Iterator[Pred
         yield predict_file(classifier, path)
 
 
-def unique_png_name(path: str, taken: set[str]) -> str:
-    """The name to save the preprocessed `path` under: x.png for a/x.jpg, then x-2.png, x-3.png
-    for later files of the same stem, so that none overwrites another. `taken` holds the names
-    given so far, case-folded as some file systems ignore case, and gets the new one."""
+def unique_png_name(path: str, taken: set[str], folder: Path) -> str:
+    """The name in `folder` to save the preprocessed `path` under: x.png for a/x.jpg, then
+    x-2.png, x-3.png for later files of the same stem, so that none overwrites another, nor a
+    file already there (the input images themselves, when `folder` is theirs). `taken` holds the
+    names given so far, case-folded as some file systems ignore case, and gets the new one."""
     stem = Path(path).stem
     name, n = f"{stem}.png", 1
-    while name.casefold() in taken:
+    while name.casefold() in taken or os.path.lexists(folder / name):
         n += 1
         name = f"{stem}-{n}.png"
     taken.add(name.casefold())

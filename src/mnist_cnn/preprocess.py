@@ -100,7 +100,10 @@ def load_image(data: bytes, max_side: int | None = None) -> Image.Image:
 
 def to_gray(image: Image.Image) -> np.ndarray:
     """Float grayscale in [0, 1]; transparent pixels count as white paper."""
-    image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF
+    try:
+        image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF
+    except Exception:  # a damaged EXIF block (Pillow: SyntaxError, ValueError): read as stored
+        pass
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -120,8 +123,9 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     background = min(background, 1.0 - background)
     # Stretch so the background goes to 0 and the strongest ink to 1.
     peak = float(np.percentile(ink, 99.9))
-    if peak - background < 0.15:
-        raise ImageError("no ink found: the image looks blank")
+    if peak - background < 0.15:  # under 0.1% of the pixels darker than the paper
+        raise ImageError("no ink found: the image looks blank (or the digit is a tiny part of "
+                         "it: crop it closer)")
     ink = np.clip((ink - background) / (peak - background), 0.0, 1.0)
     ys, xs = np.nonzero(ink > INK_THRESHOLD)
     if len(ys) == 0:
@@ -138,6 +142,8 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     # Paste so the centre of mass lands where MNIST has it, at pixel (14, 14) (measured over the
     # training set: 14.00 ± 0.29 in both axes), staying inside the frame.
     total = digit.sum()
+    if total == 0:  # specks scattered over a large image, averaged away by the resize
+        raise ImageError("no digit found: the ink is scattered specks, not a stroke")
     cy = (digit.sum(1) * np.arange(digit.shape[0])).sum() / total
     cx = (digit.sum(0) * np.arange(digit.shape[1])).sum() / total
     top = int(np.clip(round(14.0 - cy), 0, 28 - digit.shape[0]))

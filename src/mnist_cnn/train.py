@@ -225,7 +225,7 @@ def kept_teacher_probabilities(run_dir: Path, cfg: TrainConfig) -> torch.Tensor 
         if json.loads(meta.get("teacher", "null")) != cfg.teacher:
             return None
         p = tensors["probabilities"].float()
-    except (OSError, SafetensorError, ValueError, KeyError):  # absent, or damaged
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError):  # absent, or damaged
         return None
     return p if p.shape == (min(cfg.train_subset or TRAIN_SIZE, TRAIN_SIZE), 10) else None
 
