@@ -318,16 +318,15 @@ def read_safetensors(
     another encoding damaged. Raises SafetensorError or ValueError for a damaged file."""
     with open(path, "rb") as f:
         # The format: the header's length (8 bytes, little-endian), the header (JSON), the data.
-        head = f.read(8)
-        size = int.from_bytes(head, "little")
-        if len(head) < 8 or size > 100_000_000:
+        data = f.read() if tensors else f.read(8)
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or size > 100_000_000:
             raise ValueError("no safetensors header")
-        header = f.read(size)
-        data = f.read() if tensors else b""
+        header = data[8 : 8 + size] if tensors else f.read(size)
     meta = json.loads(header).get("__metadata__") if header.startswith(b"{") else None
     if not isinstance(meta, (dict, type(None))):
         raise ValueError("its metadata is not a JSON object")
-    return (load(head + header + data) if tensors else {}), meta or {}
+    return (load(data) if tensors else {}), meta or {}
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -393,7 +392,8 @@ def run_finished(run_dir: Path) -> bool:
         return False
     epochs = TrainConfig.load(run_dir / "config.json").epochs
     reported = read_report(run_dir, needs=("epochs",))["epochs"]
-    return reported == epochs and (not ckpt.is_file() or _checkpoint_state(ckpt)["epoch"] >= epochs)
+    return reported == epochs and (
+        not ckpt.is_file() or _read_checkpoint(ckpt)[1]["epoch"] >= epochs)
 
 
 # What a run's report.json is read for (the command line's summary of it).
@@ -420,20 +420,19 @@ def read_report(run_dir: Path, needs: tuple[str, ...] = REPORT_KEYS) -> dict:
     return report
 
 
-def _checkpoint_state(path: Path) -> dict:
-    """The training state in a checkpoint's header (epoch, step, ...), without its tensors."""
+def _read_checkpoint(path: Path, tensors: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint's training state in its header (epoch, step, ...), and its tensors when
+    asked (else only the header is read), in one read of the file."""
     try:
-        return json.loads(read_safetensors(path, tensors=False)[1]["state"])
+        found, meta = read_safetensors(path, tensors)
+        return found, json.loads(meta["state"])
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise corrupt(path, "a training checkpoint", e) from None
 
 
 def _load_checkpoint(path: Path, model, ema, optimizer, device) -> dict:
-    state = _checkpoint_state(path)
-    try:
-        tensors = {k: v.to(device) for k, v in read_safetensors(path)[0].items()}
-    except (SafetensorError, ValueError) as e:
-        raise corrupt(path, "a training checkpoint", e) from None
+    tensors, state = _read_checkpoint(path, tensors=True)
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     what = f"a training checkpoint of the {type(model).__name__} its config.json names"
     _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path, what)
     if ema is not None:
@@ -543,7 +542,7 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_path = run_dir / "checkpoint.safetensors"
     steps_per_epoch = batches_per_epoch(n, cfg.batch_size, dist.world)
-    begun = _checkpoint_state(ckpt_path) if resume else {"epoch": 0}
+    begun = _read_checkpoint(ckpt_path)[1] if resume else {"epoch": 0}
     if begun["epoch"] and begun["step"] != begun["epoch"] * steps_per_epoch:
         # Begun with other batches (another number of processes, or before a last batch of
         # one image joined the one before it): keep them, so it goes on as it began.
