@@ -11,7 +11,7 @@ from mnist_cnn.config import CorruptFile, TrainConfig
 from mnist_cnn.ensemble import ensemble_probas, member_dirs
 from mnist_cnn.model import StrongCNN, count_params
 from mnist_cnn.predict import Classifier
-from mnist_cnn.train import loss_and_accuracy, train
+from mnist_cnn.train import HISTORY_KEYS, loss_and_accuracy, train
 
 TINY = ["--epochs", "1", "--train-subset", "1500", "--batch-size", "128", "--precision", "fp32"]
 
@@ -185,7 +185,8 @@ def test_val_test_agreement_pairs_same_seed_runs_of_different_folders(tmp_path):
         (folder / "report.json").write_text(json.dumps(
             {"val_accuracy": val_accuracy, "test_errors": test_errors, "best_epoch": epochs,
              "epochs": epochs, "test_accuracy": 1 - test_errors / 10_000, "train_seconds": 1.0}))
-        (folder / "metrics.jsonl").write_text(json.dumps({"epoch": epochs, "val_loss": val_loss}))
+        last = dict.fromkeys(HISTORY_KEYS, 0) | {"epoch": epochs, "val_loss": val_loss}
+        (folder / "metrics.jsonl").write_text(json.dumps(last))
 
     run("a", 0, 0.9970, 0.011, 42)
     run("b", 0, 0.9976, 0.012, 40)  # 3 validation images more right, 2 test images: agrees

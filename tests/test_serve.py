@@ -1,3 +1,4 @@
+import errno
 import io
 import json
 import os
@@ -237,6 +238,20 @@ def test_a_port_in_use_is_one_clear_line(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err
     assert "Traceback" not in err
+
+    # --host '' listens on every address: said in words, not as http://:8000/.
+    def in_use(host, port):
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    monkeypatch.setattr(serve, "listen", in_use)
+    assert main(["serve", "--host", "", "--port", "8000"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on port 8000 of every address: Address already in use" in err
+    monkeypatch.setattr(serve, "listen", lambda host, port: [])
+    monkeypatch.setattr(serve, "run", lambda classifier, socks: None)
+    assert main(["serve", "--host", "", "--port", "8000"]) == 0
+    err = capsys.readouterr().err
+    assert "Serving on port 8000 of every address: http://localhost:8000/ here" in err
     with pytest.raises(SystemExit):
         main(["serve", "--port", "65536"])
     assert "must be 65535 or less" in capsys.readouterr().err

@@ -421,14 +421,18 @@ def test_no_batch_of_one_image_and_strong_trains_on_what_would_leave_one(mnist, 
 
 def test_a_metrics_line_cut_short_is_not_an_epoch(tmp_path):
     from mnist_cnn.config import CorruptFile
-    from mnist_cnn.train import read_history
+    from mnist_cnn.train import HISTORY_KEYS, read_history
 
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')  # the disk filled mid-line
-    assert read_history(tmp_path, 2) == [{"epoch": 1}, {"epoch": 2}]  # what --resume reads
-    assert read_history(tmp_path) == [{"epoch": 1}, {"epoch": 2}]  # evaluate, figures
-    for damaged in ('{"epoch": 1}\n{"epo\n{"epoch": 3}\n', '{"epoch": 1}\nnull\n'):
-        metrics.write_text(damaged)  # damage inside, or a line that is not an epoch: an error
+    one, two = (json.dumps({k: epoch for k in HISTORY_KEYS}) for epoch in (1, 2))
+    metrics.write_text(f'{one}\n{two}\n{{"epo')  # the disk filled mid-line
+    epochs = [json.loads(one), json.loads(two)]
+    assert read_history(tmp_path, 2) == epochs  # what --resume reads
+    assert read_history(tmp_path) == epochs  # evaluate, figures
+    for damaged in (f'{one}\n{{"epo\n{two}\n', f'{one}\nnull\n', f'{one}\n{{"epoch": 2}}\n'):
+        # Damage inside, a line that is not an epoch, or one without an epoch's numbers (a
+        # KeyError in the report before): an error that names the file.
+        metrics.write_text(damaged)
         with pytest.raises(CorruptFile, match="metrics.jsonl cannot be read"):
             read_history(tmp_path)
     assert read_history(tmp_path / "none") == []

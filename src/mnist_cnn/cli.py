@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sv.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on (loopback: only this machine can connect)")
+                    help="address to listen on (loopback: only this machine can connect; "
+                    "'' or 0.0.0.0: every address, so other machines can)")
     sv.add_argument("--port", type=_bounded(int, 0, inclusive=False, high=65535), default=8000,
                     help="port to listen on")
     # '%(default).0s' prints nothing; its presence stops ArgumentDefaultsHelpFormatter from
@@ -715,11 +716,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     classifier = _classifier(args)
     where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    if not args.host:  # '' listens on every address of the machine (serve.listen)
+        where = f"port {args.port} of every address"
     try:
         socks = listen(args.host, args.port)
     except (OSError, UnicodeError) as e:  # the address in use, an unknown or malformed host
         raise UserError(f"cannot listen on {where}: {getattr(e, 'strerror', None) or e}") from None
-    print(f"Serving on http://{where}/ (Ctrl-C to stop)", file=sys.stderr)
+    url = f"http://{where}/" if args.host else f"{where}: http://localhost:{args.port}/ here"
+    print(f"Serving on {url} (Ctrl-C to stop)", file=sys.stderr)
     run(classifier, socks)
     return 0
 

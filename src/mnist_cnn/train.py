@@ -350,6 +350,10 @@ def _save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
     _atomic_save({k: v.contiguous() for k, v in tensors.items()}, path, {"state": state})
 
 
+# The numbers every line of metrics.jsonl has (the training writes more).
+HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
+
+
 def read_history(run_dir: Path, epochs: int | None = None) -> list[dict]:
     """A run's metrics.jsonl, one dict per finished epoch; with `epochs`, the first that many
     only, and the lines after them (newer than the checkpoint: half a line, say, written as the
@@ -366,8 +370,14 @@ def read_history(run_dir: Path, epochs: int | None = None) -> list[dict]:
             except ValueError:  # a line cut short by a crash or a full disk: not an epoch
                 lines.pop()
         history = [json.loads(line) for line in lines]
-        if not all(isinstance(h, dict) for h in history):
-            raise ValueError("a line is not a JSON object")
+        for h in history:
+            if not isinstance(h, dict):
+                raise ValueError("a line is not a JSON object")
+            # What the report, the figures and --resume read of an epoch: a line without one
+            # (edited by hand, or from another tool) is damage, not a KeyError later.
+            missing = [k for k in HISTORY_KEYS if not isinstance(h.get(k), (int, float))]
+            if missing:
+                raise ValueError(f"epoch line without a number for {', '.join(missing)}")
         return history
     except ValueError as e:  # not UTF-8, not JSON, or not objects
         raise corrupt(path, "a run's metrics (a JSON object a line)", e) from None
