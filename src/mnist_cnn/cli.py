@@ -603,6 +603,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         is_ensemble,
         read_spec,
         train_members,
+        up_to_date_report,
         write_ensemble_report,
     )
     from mnist_cnn.train import Interrupted
@@ -628,7 +629,12 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             tta = TTA_BY_DEFAULT[cfg.model]
         train_members(cfg, folder, args.models, data, device, tta,
                       progress=sys.stderr.isatty(), log=lambda s: print(s, flush=True))
-        report = write_ensemble_report(folder, folder, data, device)
+        report = up_to_date_report(folder, tta)
+        reused = report is not None
+        if reused:
+            print("ensemble: scored earlier, its report reused (no member changed since)")
+        else:
+            report = write_ensemble_report(folder, folder, data, device)
     except RecipeMismatch as e:
         raise UserError(str(e)) from None
     except Interrupted as stop:
@@ -642,7 +648,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     print(f"members{' (test-time augmentation)' if tta else ''}: "
           f"{', '.join(f'{100 * a:.2f}%' for a in report['member_test_accuracy'])} "
           f"(mean {100 * report['member_test_accuracy_mean']:.3f}%)")
-    _print_report(report, folder)
+    _print_report(report, folder, wrote=not reused)
     return 0
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from mnist_cnn.augment import transform
-from mnist_cnn.config import AUGMENT_VALUES, TrainConfig, corrupt, write_json
+from mnist_cnn.config import AUGMENT_VALUES, CorruptFile, TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.evaluate import check_run, load_run, read_history, save_report, write_report
 from mnist_cnn.train import (
+    REPORT_KEYS,
     inference_precision,
     kept_teacher_probabilities,
     loss_and_accuracy,
@@ -188,6 +189,26 @@ def tta_view(images: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     """uint8 images [N, 28, 28] seen through one row of TTA (degrees, scale, dx, dy)."""
     x = transform(images.unsqueeze(1).float(), view.expand(len(images), 4))
     return x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+
+
+def up_to_date_report(folder: Path, tta: bool) -> dict | None:
+    """The ensemble folder's report.json if it scored the members the folder names now, the way
+    asked (with test-time augmentation or without), and no member's weights, config or report
+    changed after it was written; else None. A repeated `mnist-cnn ensemble` prints it instead
+    of scoring again (minutes with test-time augmentation on a CPU)."""
+    needs = (*REPORT_KEYS, "members", "tta", "member_best_epoch", "member_test_accuracy",
+             "member_test_accuracy_mean")
+    try:
+        runs = member_dirs(folder)
+        report = read_report(folder, needs=needs)
+        written = (Path(folder) / "report.json").stat().st_mtime_ns
+        changed = max((r / name).stat().st_mtime_ns for r in runs
+                      for name in ("config.json", "model.safetensors", "report.json"))
+    except (CorruptFile, OSError):  # no report yet, or a member's file gone: score
+        return None
+    if report["members"] != len(runs) or report["tta"] != tta or changed >= written:
+        return None
+    return report
 
 
 def write_ensemble_report(
