@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (loopback: only this machine can connect; "
-                    "'' or 0.0.0.0: every address, so other machines can)")
+                    "'': every address, IPv4 and IPv6, so other machines can; 0.0.0.0: every "
+                    "IPv4 one)")
     sv.add_argument("--port", type=_bounded(int, 0, inclusive=False, high=65535), default=8000,
                     help="port to listen on")
     # '%(default).0s' prints nothing; its presence stops ArgumentDefaultsHelpFormatter from
@@ -632,7 +633,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         report = up_to_date_report(folder, tta)
         reused = report is not None
         if reused:
-            print("ensemble: scored earlier, its report reused (no member changed since)")
+            print("ensemble: scored earlier, its report reused (its members unchanged)")
         else:
             report = write_ensemble_report(folder, folder, data, device)
     except RecipeMismatch as e:

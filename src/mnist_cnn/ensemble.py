@@ -9,6 +9,7 @@ member is resumed, so an interrupted `mnist-cnn ensemble` picks up where it stop
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -191,22 +192,34 @@ def tta_view(images: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     return x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
 
 
+def member_fingerprints(runs: list[Path]) -> list[str]:
+    """For each member, the SHA-256 of its config.json and weights: what its scores depend on.
+    An ensemble's report keeps them, so a member retrained, replaced or moved in (timestamps
+    and all) is seen as changed."""
+    digests = []
+    for run in runs:
+        h = hashlib.sha256()
+        for name in ("config.json", "model.safetensors"):
+            h.update((run / name).read_bytes())
+        digests.append(h.hexdigest())
+    return digests
+
+
 def up_to_date_report(folder: Path, tta: bool) -> dict | None:
-    """The ensemble folder's report.json if it scored the members the folder names now, the way
-    asked (with test-time augmentation or without), and no member's weights, config or report
-    changed after it was written; else None. A repeated `mnist-cnn ensemble` prints it instead
-    of scoring again (minutes with test-time augmentation on a CPU)."""
-    needs = (*REPORT_KEYS, "members", "tta", "member_best_epoch", "member_test_accuracy",
-             "member_test_accuracy_mean")
+    """The ensemble folder's report.json (and figures) if they scored the members the folder
+    names now, unchanged since (`member_fingerprints`), the way asked (with test-time
+    augmentation or without); else None. A repeated `mnist-cnn ensemble` prints it instead of
+    scoring again (minutes with test-time augmentation on a CPU)."""
+    needs = (*REPORT_KEYS, "members", "tta", "seeds", "member_best_epoch", "member_test_accuracy",
+             "member_test_accuracy_mean", "member_val_accuracy", "member_sha256")
+    figures = ("random_results.png", "wrong_results.png", "confusion_matrix.png")
     try:
         runs = member_dirs(folder)
         report = read_report(folder, needs=needs)
-        written = (Path(folder) / "report.json").stat().st_mtime_ns
-        changed = max((r / name).stat().st_mtime_ns for r in runs
-                      for name in ("config.json", "model.safetensors", "report.json"))
-    except (CorruptFile, OSError):  # no report yet, or a member's file gone: score
+        fresh = report["member_sha256"] == member_fingerprints(runs)
+    except (CorruptFile, OSError):  # no report yet (or an older one), or a member's file gone
         return None
-    if report["members"] != len(runs) or report["tta"] != tta or changed >= written:
+    if not fresh or report["tta"] != tta or not all((Path(folder) / f).is_file() for f in figures):
         return None
     return report
 
@@ -240,6 +253,7 @@ def write_ensemble_report(
             "member_val_accuracy": [loss_and_accuracy(m[1], data.val_labels)[1] for m in outputs],
             "train_seconds": round(sum(m["train_seconds"] for m in members), 2),
             "seeds": [m.get("seed") for m in members],
+            "member_sha256": member_fingerprints(runs),  # what up_to_date_report compares
         },
         first.seed, first.select,
     )
