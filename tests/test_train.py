@@ -351,13 +351,13 @@ def test_clean_epochs_default_to_a_tenth_of_the_epochs():
     assert TrainConfig.from_json(old).n_clean_epochs() == 0
 
 
-def test_rotation_defaults_to_25_degrees_for_the_reference_layers_20_for_strong():
+def test_rotation_defaults_to_25_degrees_for_the_reference_layers_10_for_strong():
     assert TrainConfig().rotation() == 25.0
-    assert TrainConfig(model="strong").rotation() == 20.0  # 25 not measured there
+    assert TrainConfig(model="strong").rotation() == 10.0
     assert TrainConfig(max_rotation=10).rotation() == 10.0
     assert TrainConfig(model="strong", max_rotation=0).rotation() == 0.0
     # config.json records the angle used, so a change of default cannot change a saved run.
-    assert TrainConfig(model="strong").to_json()["max_rotation"] == 20.0
+    assert TrainConfig(model="strong").to_json()["max_rotation"] == 10.0
     assert TrainConfig.from_json(TrainConfig().to_json()).max_rotation == 25.0
 
 

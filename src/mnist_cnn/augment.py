@@ -8,9 +8,9 @@ change (a blend towards a 3×3 grey dilation or erosion, before the resampling) 
 and thinner pens, and cutout (DeVries and Taylor, 2017) erases a random square of the result to
 background, so no single stroke can be relied on. The reference project used rotation only
 (±20°); the default recipe adds a shift of up to ±2 pixels and widens the rotation to ±25° for
-the reference layers (config.py); scale, shear, elastic distortion, thickness and cutout are
-there to try. Parameters come from an explicit `torch.Generator` on the CPU, so a seed fixes
-every transform on every device.
+the reference layers, narrows it to ±10° for the strong model (config.py); scale, shear,
+elastic distortion, thickness and cutout are there to try. Parameters come from an explicit
+`torch.Generator` on the CPU, so a seed fixes every transform on every device.
 """
 
 from __future__ import annotations
