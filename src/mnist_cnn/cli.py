@@ -722,9 +722,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mnist_cnn.serve import listen, run
 
     classifier = _classifier(args)
-    where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     if not args.host:  # '' listens on every address of the machine (serve.listen)
         where = f"port {args.port} of every address"
+    elif ":" in args.host:  # IPv6
+        where = f"[{args.host}]:{args.port}"
+    else:
+        where = f"{args.host}:{args.port}"
     try:
         socks = listen(args.host, args.port)
     except (OSError, UnicodeError) as e:  # the address in use, an unknown or malformed host

@@ -19,6 +19,7 @@ from mnist_cnn.augment import transform
 from mnist_cnn.config import AUGMENT_VALUES, CorruptFile, TrainConfig, corrupt, write_json
 from mnist_cnn.data import MNIST
 from mnist_cnn.evaluate import check_run, load_run, read_history, save_report, write_report
+from mnist_cnn.figures import FIGURES
 from mnist_cnn.train import (
     REPORT_KEYS,
     inference_precision,
@@ -212,14 +213,14 @@ def up_to_date_report(folder: Path, tta: bool) -> dict | None:
     scoring again (minutes with test-time augmentation on a CPU)."""
     needs = (*REPORT_KEYS, "members", "tta", "seeds", "member_best_epoch", "member_test_accuracy",
              "member_test_accuracy_mean", "member_val_accuracy", "member_sha256")
-    figures = ("random_results.png", "wrong_results.png", "confusion_matrix.png")
     try:
         runs = member_dirs(folder)
         report = read_report(folder, needs=needs)
         fresh = report["member_sha256"] == member_fingerprints(runs)
     except (CorruptFile, OSError):  # no report yet (or an older one), or a member's file gone
         return None
-    if not fresh or report["tta"] != tta or not all((Path(folder) / f).is_file() for f in figures):
+    drawn = all((Path(folder) / name).is_file() for name in FIGURES)
+    if not fresh or report["tta"] != tta or not drawn:
         return None
     return report
 

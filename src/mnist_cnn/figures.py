@@ -137,13 +137,18 @@ def training_curves(path: Path, histories: list[list[dict]]) -> None:
     _save(fig, path)
 
 
+# What write_all draws for every report (and training_curves.png when there are metrics).
+FIGURES = ("random_results.png", "wrong_results.png", "confusion_matrix.png")
+
+
 def write_all(
     out_dir: Path, images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor,
     histories: list[list[dict]], matrix: list[list[int]], seed: int = 0,
 ) -> None:
-    random_results(out_dir / "random_results.png", images, labels, probs, seed)
-    wrong_results(out_dir / "wrong_results.png", images, labels, probs)
-    confusion_matrix(out_dir / "confusion_matrix.png", matrix)
+    random, wrong, confusion = (out_dir / name for name in FIGURES)
+    random_results(random, images, labels, probs, seed)
+    wrong_results(wrong, images, labels, probs)
+    confusion_matrix(confusion, matrix)
     if any(histories):
         training_curves(out_dir / "training_curves.png", histories)
     else:  # a model without metrics.jsonl (the shipped one): no curves, not an earlier run's
