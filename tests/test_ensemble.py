@@ -14,6 +14,7 @@ from mnist_cnn.model import StrongCNN, count_params
 from mnist_cnn.predict import Classifier
 from mnist_cnn.train import HISTORY_KEYS, loss_and_accuracy, train
 
+CPU = torch.device("cpu")
 TINY = ["--epochs", "1", "--train-subset", "1500", "--batch-size", "128", "--precision", "fp32"]
 
 
@@ -47,16 +48,21 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, mnist, capsys)
     assert members_line in out.splitlines() and "kept epoch 1, 1 of 1" in out
     # Scored again when asked another way, or when a member is not the one scored (another
     # run's weights moved in keep their old timestamps: the report compares the files' bytes).
-    assert up_to_date_report(folder, tta=True) == report
-    assert up_to_date_report(folder, tta=False) is None
+    assert up_to_date_report(folder, tta=True, device=CPU) == report
+    assert up_to_date_report(folder, tta=False, device=CPU) is None
     first, second = (run / "model.safetensors" for run in member_dirs(folder))
     kept = second.read_bytes()
     shutil.copy2(first, second)
-    assert up_to_date_report(folder, tta=True) is None
+    assert up_to_date_report(folder, tta=True, device=CPU) is None
     second.write_bytes(kept)
-    assert up_to_date_report(folder, tta=True) == report
+    assert up_to_date_report(folder, tta=True, device=CPU) == report
+    # Scored in another precision (a bf16 machine's report, on this fp32 one): scored again.
+    assert report["scored_in"] == "fp32" and all(m["scored_in"] == "fp32" for m in members)
+    (folder / "report.json").write_text(json.dumps(report | {"scored_in": "bf16"}))
+    assert up_to_date_report(folder, tta=True, device=CPU) is None
+    (folder / "report.json").write_text(json.dumps(report))
     (folder / "wrong_results.png").unlink()  # a figure deleted: drawn again
-    assert up_to_date_report(folder, tta=True) is None
+    assert up_to_date_report(folder, tta=True, device=CPU) is None
 
     # Other flags into the same folder: one clear line, and nothing reused, trained or written.
     assert main([*args, "--lr", "0.004"]) == 2

@@ -630,7 +630,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             tta = TTA_BY_DEFAULT[cfg.model]
         train_members(cfg, folder, args.models, data, device, tta,
                       progress=sys.stderr.isatty(), log=lambda s: print(s, flush=True))
-        report = up_to_date_report(folder, tta)
+        report = up_to_date_report(folder, tta, device)
         reused = report is not None
         if reused:
             print("ensemble: scored earlier, its report reused (its members unchanged)")

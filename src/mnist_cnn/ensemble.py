@@ -25,6 +25,7 @@ from mnist_cnn.train import (
     inference_precision,
     kept_teacher_probabilities,
     loss_and_accuracy,
+    precision_name,
     predict_proba,
     read_report,
     run_finished,
@@ -206,21 +207,30 @@ def member_fingerprints(runs: list[Path]) -> list[str]:
     return digests
 
 
-def up_to_date_report(folder: Path, tta: bool) -> dict | None:
+def scored_in(runs: list[Path], device: torch.device) -> str:
+    """The precision the members are scored in on `device` ("bf16" or "fp32"; they share one
+    recipe, so the first member's says it)."""
+    precision = TrainConfig.load(runs[0] / "config.json").precision
+    return precision_name(inference_precision(precision, device))
+
+
+def up_to_date_report(folder: Path, tta: bool, device: torch.device) -> dict | None:
     """The ensemble folder's report.json (and figures) if they scored the members the folder
     names now, unchanged since (`member_fingerprints`), the way asked (with test-time
-    augmentation or without); else None. A repeated `mnist-cnn ensemble` prints it instead of
-    scoring again (minutes with test-time augmentation on a CPU)."""
+    augmentation or without) and in the precision `device` scores them in (a bf16 report is
+    not this machine's fp32 one); else None. A repeated `mnist-cnn ensemble` prints it instead
+    of scoring again (minutes with test-time augmentation on a CPU)."""
     needs = (*REPORT_KEYS, "members", "tta", "seeds", "member_best_epoch", "member_test_accuracy",
-             "member_test_accuracy_mean", "member_val_accuracy", "member_sha256")
+             "member_test_accuracy_mean", "member_val_accuracy", "member_sha256", "scored_in")
     try:
         runs = member_dirs(folder)
         report = read_report(folder, needs=needs)
         fresh = report["member_sha256"] == member_fingerprints(runs)
+        same_precision = report["scored_in"] == scored_in(runs, device)
     except (CorruptFile, OSError):  # no report yet (or an older one), or a member's file gone
         return None
     drawn = all((Path(folder) / name).is_file() for name in FIGURES)
-    if not fresh or report["tta"] != tta or not drawn:
+    if not fresh or not same_precision or report["tta"] != tta or not drawn:
         return None
     return report
 
@@ -236,6 +246,9 @@ def write_ensemble_report(
     runs = [Path(folder) / name for name in spec["members"]]
     members = [read_report(r, needs=("params", "best_epoch", "train_seconds")) for r in runs]
     first = TrainConfig.load(runs[0] / "config.json")
+    # Before scoring: a member replaced while it is scored (minutes) then differs from what the
+    # report keeps, and the next `mnist-cnn ensemble` scores again.
+    fingerprints = member_fingerprints(runs)
     outputs = member_probas(runs, [data.test_images, data.val_images], device, tta)
     test_proba, val_proba = average(outputs)
     # Each member scored as the ensemble is (through the same views when TTA is on); the
@@ -254,7 +267,8 @@ def write_ensemble_report(
             "member_val_accuracy": [loss_and_accuracy(m[1], data.val_labels)[1] for m in outputs],
             "train_seconds": round(sum(m["train_seconds"] for m in members), 2),
             "seeds": [m.get("seed") for m in members],
-            "member_sha256": member_fingerprints(runs),  # what up_to_date_report compares
+            "member_sha256": fingerprints,  # what up_to_date_report compares
+            "scored_in": scored_in(runs, device),
         },
         first.seed, first.select,
     )

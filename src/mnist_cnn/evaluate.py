@@ -21,6 +21,7 @@ from mnist_cnn.train import (
     inference_precision,
     load_weights,
     loss_and_accuracy,
+    precision_name,
     predict_proba,
     prepare_model,
     read_history,
@@ -132,7 +133,7 @@ def write_report(
     """Score `model` on validation and test, write report.json and the four figures to out_dir."""
     amp = inference_precision(cfg.precision, device)
     history = read_history(run_dir) if history is None else history
-    extra = {"seed": cfg.seed, "model": cfg.model}
+    extra = {"seed": cfg.seed, "model": cfg.model, "scored_in": precision_name(amp)}
     if not history and (run_dir / "report.json").is_file():
         # No metrics.jsonl (the shipped model keeps none): its training, as its report says.
         keys = ("epochs", "best_epoch", "train_seconds")

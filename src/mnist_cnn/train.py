@@ -92,6 +92,12 @@ def inference_precision(precision: str, device: torch.device) -> torch.dtype | N
     return resolve_precision(precision, device)
 
 
+def precision_name(amp: torch.dtype | None) -> str:
+    """How a report's numbers were computed ("bf16" or "fp32"), for report.json's `scored_in`:
+    the two read a test image or two differently."""
+    return "bf16" if amp == torch.bfloat16 else "fp32"
+
+
 def autocast(device: torch.device, amp: torch.dtype | None):
     """Mixed precision when `amp` is a dtype, plain fp32 when it is None."""
     return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
