@@ -268,7 +268,7 @@ def write_ensemble_report(
             "train_seconds": round(sum(m["train_seconds"] for m in members), 2),
             "seeds": [m.get("seed") for m in members],
             "member_sha256": fingerprints,  # what up_to_date_report compares
-            "scored_in": scored_in(runs, device),
+            "scored_in": precision_name(inference_precision(first.precision, device)),
         },
         first.seed, first.select,
     )

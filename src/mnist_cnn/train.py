@@ -94,7 +94,7 @@ def inference_precision(precision: str, device: torch.device) -> torch.dtype | N
 
 def precision_name(amp: torch.dtype | None) -> str:
     """How a report's numbers were computed ("bf16" or "fp32"), for report.json's `scored_in`:
-    the two read a test image or two differently."""
+    the same weights can read an image differently in the other."""
     return "bf16" if amp == torch.bfloat16 else "fp32"
 
 
