@@ -207,11 +207,10 @@ def member_fingerprints(runs: list[Path]) -> list[str]:
     return digests
 
 
-def scored_in(runs: list[Path], device: torch.device) -> str:
-    """The precision the members are scored in on `device` ("bf16" or "fp32"; they share one
-    recipe, so the first member's says it)."""
-    precision = TrainConfig.load(runs[0] / "config.json").precision
-    return precision_name(inference_precision(precision, device))
+def scored_in(first: TrainConfig, device: torch.device) -> str:
+    """The precision an ensemble's members are scored in on `device` ("bf16" or "fp32"; they
+    share one recipe, so the first member's config says it)."""
+    return precision_name(inference_precision(first.precision, device))
 
 
 def up_to_date_report(folder: Path, tta: bool, device: torch.device) -> dict | None:
@@ -226,7 +225,8 @@ def up_to_date_report(folder: Path, tta: bool, device: torch.device) -> dict | N
         runs = member_dirs(folder)
         report = read_report(folder, needs=needs)
         fresh = report["member_sha256"] == member_fingerprints(runs)
-        same_precision = report["scored_in"] == scored_in(runs, device)
+        first = TrainConfig.load(runs[0] / "config.json")
+        same_precision = report["scored_in"] == scored_in(first, device)
     except (CorruptFile, OSError):  # no report yet (or an older one), or a member's file gone
         return None
     drawn = all((Path(folder) / name).is_file() for name in FIGURES)
@@ -268,7 +268,7 @@ def write_ensemble_report(
             "train_seconds": round(sum(m["train_seconds"] for m in members), 2),
             "seeds": [m.get("seed") for m in members],
             "member_sha256": fingerprints,  # what up_to_date_report compares
-            "scored_in": precision_name(inference_precision(first.precision, device)),
+            "scored_in": scored_in(first, device),
         },
         first.seed, first.select,
     )
