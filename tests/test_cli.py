@@ -95,7 +95,9 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
         (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
         (["train", "--epochs", "2", "--clean-epochs", "3"], "is more than the 2 epochs"),
-        (["ensemble", "--teacher", "/nonexistent/run"], "not a finished run or ensemble folder"),
+        (["ensemble", "--teacher", "/nonexistent/run"],
+         "/nonexistent/run is not a finished run or ensemble folder (it does not exist)"),
+        (["ensemble", "--teacher", "."], "not a finished run or ensemble folder (no run in it)"),
         (["train", "--teacher-weight", "0.3"], "apply with --teacher only"),
         (["train", "--train-subset", "100000"], "is more than the 55,000 training images"),
         (["train", "--resume", "run", "--epochs", "3", "--out", "x"],
@@ -325,7 +327,11 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
     ens = tmp_path / "ens"
     ens.mkdir()
     (ens / "ensemble.json").write_text(json.dumps({"members": ["member-0", "member-1"]}))
+    scored = tmp_path / "scored"  # what `evaluate --out` writes: a report, no run
+    scored.mkdir()
+    (scored / "report.json").write_text("{}")
     for argv, message in (
+        (["ensemble", "--out", str(scored)], f"{scored} already holds report.json"),
         (["evaluate", str(DEFAULT_MODEL), "--out", str(tmp_path / "ev"), "--data-dir",
           str(a_file)], "is a file, not a folder"),
         (["ensemble", "--out", str(run)], "holds a single run, not an ensemble"),
@@ -424,6 +430,8 @@ def test_number_flags_say_why_and_evaluate_takes_both_tta_forms(capsys):
 
     for bad, why in ((["--lr", "nan"], "expected a finite number"),
                      (["--ema", "1"], "must be below 1"),
+                     (["--epochs", "2.5"], "expected a whole number, got '2.5'"),
+                     (["--lr", "fast"], "expected a number, got 'fast'"),
                      (["--seed", "1" + "0" * 400], "must be 4294967295 or less"),
                      (["stray"], "unrecognized arguments: stray")):
         with pytest.raises(SystemExit):

@@ -307,7 +307,7 @@ def test_names_that_are_not_utf8_are_printed_escaped_and_kept_in_json(tmp_path, 
     assert json.loads(capsys.readouterr().out)["file"] == str(path)
 
 
-def test_names_the_output_cannot_encode_are_printed_escaped(tmp_path):
+def test_names_the_output_cannot_encode_are_printed_escaped(tmp_path, data_dir):
     import subprocess
 
     path = tmp_path / "dígito 七.png"
@@ -318,6 +318,13 @@ def test_names_the_output_cannot_encode_are_printed_escaped(tmp_path):
     assert done.returncode == 1  # the second file is missing
     assert done.stdout.decode("ascii").startswith(f"{tmp_path}{os.sep}d\\xedgito \\u4e03.png: 1 ")
     assert f"{tmp_path}{os.sep}\\xf1.png: error" in done.stderr.decode("ascii")
+    # The same for every command's last line (the report's folder), after the work is done.
+    out = tmp_path / "résultats"
+    done = subprocess.run([sys.executable, "-m", "mnist_cnn", "evaluate", str(DEFAULT_MODEL),
+                           "--out", str(out), "--data-dir", str(data_dir)],
+                          capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode("ascii", "replace")
+    assert f"wrote {tmp_path}{os.sep}r\\xe9sultats/report.json" in done.stdout.decode("ascii")
 
 
 def test_an_ensemble_folder_averages_its_members_as_evaluate_scores_them(tmp_path, mnist, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -54,7 +55,8 @@ def _bounded(kind, low, inclusive: bool, high=None, below: bool = False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if isinstance(value, float) and not math.isfinite(value):  # nan passes the tests below
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if value < low or (value == low and not inclusive):
@@ -613,8 +615,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     folder = args.out or _new_run_dir()
     _check_out(folder, "--out")
-    if (folder / "config.json").is_file() and not is_ensemble(folder):
-        raise UserError(f"--out {folder} holds a single run, not an ensemble: choose another --out")
+    if not is_ensemble(folder):
+        if (folder / "config.json").is_file():
+            raise UserError(f"--out {folder} holds a single run, not an ensemble: "
+                            "choose another --out")
+        # A report or weights without an ensemble around them (an evaluate --out, a copy): the
+        # ensemble's own report.json and figures would overwrite them.
+        held = [n for n in ("model.safetensors", "report.json") if (folder / n).exists()]
+        if held:
+            raise UserError(f"--out {folder} already holds {' and '.join(held)}: "
+                            "choose another --out")
     _warn_if_slow_bf16(cfg, device)
     data = _load_data(args)
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"
@@ -659,18 +669,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     classifier = _classifier(args)
     if args.save_preprocessed:
         args.save_preprocessed.mkdir(parents=True, exist_ok=True)
-    # A name the output's encoding cannot write (a Chinese name into a cp1252 file on Windows,
-    # any non-ASCII one under PYTHONIOENCODING=ascii) is written with backslash escapes, as
-    # stderr already does; the stream is put back as it was afterwards.
-    out = sys.stdout
-    errors = out.errors if isinstance(out, io.TextIOWrapper) else None
-    if errors is not None:
-        out.reconfigure(errors="backslashreplace")
-    try:
-        return _predict_and_print(args, classifier)
-    finally:
-        if errors is not None:
-            out.reconfigure(errors=errors)
+    return _predict_and_print(args, classifier)
 
 
 def _predict_and_print(args: argparse.Namespace, classifier) -> int:
@@ -751,6 +750,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _escaping_stdout():
+    """A file or folder name the output's encoding cannot write (a Chinese name into a cp1252
+    file on Windows, any non-ASCII one under PYTHONIOENCODING=ascii) is written with backslash
+    escapes, as stderr already does, not a traceback after the work is done; stdout is put back
+    as it was afterwards."""
+    out = sys.stdout
+    errors = out.errors if isinstance(out, io.TextIOWrapper) else None
+    if errors is not None:
+        out.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        if errors is not None:
+            out.reconfigure(errors=errors)
+
+
 def _print_report(report: dict, out: Path, wrote: bool = True) -> None:
     best = report["best_epoch"]
     if best is None and "member_best_epoch" in report:  # an ensemble
@@ -797,7 +813,8 @@ def main(argv: list[str] | None = None) -> int:
         # The commands import torch when they run (seconds): a Ctrl-C meanwhile is caught here.
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
                     "serve": cmd_serve, "bench": cmd_bench, "ensemble": cmd_ensemble}
-        return commands[args.command](args)
+        with _escaping_stdout():
+            return commands[args.command](args)
     except (UserError, DataError, CorruptFile, CannotResume) as e:
         # Under torchrun every process of a machine meets the same mistake: one of them says it.
         if not (args.command == "train" and os.environ.get("WORLD_SIZE", "1") != "1"

@@ -197,8 +197,13 @@ def teacher_runs(folder: str | Path) -> list[Path]:
     runs = (member_dirs(folder) if is_ensemble(folder) else [folder]) if folder.is_dir() else []
     lacking = [r for r in runs if not (run_finished(r) and (r / "model.safetensors").is_file())]
     if not runs or lacking:
-        which = f" ({', '.join(r.name for r in lacking)} unfinished)" if lacking else ""
-        raise ValueError(f"teacher {folder} is not a finished run or ensemble folder{which}")
+        if not folder.is_dir():
+            why = "not a folder" if folder.exists() else "it does not exist"
+        elif not is_ensemble(folder) and not (folder / "config.json").is_file():
+            why = "no run in it"  # an evaluate --out, say: a report, no weights
+        else:
+            why = f"{', '.join(r.name for r in lacking)} unfinished or without weights"
+        raise ValueError(f"{folder} is not a finished run or ensemble folder ({why})")
     return runs
 
 
