@@ -92,7 +92,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         # A mistyped folder is said to be missing, not taken for a single run.
         (["evaluate", "/nonexistent/run", "--tta", "on"], "/nonexistent/run does not exist"),
         (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
-        (["train", "--resume", "/nonexistent/run"], "no checkpoint.safetensors"),
+        (["train", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such folder"),
         (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
         (["train", "--epochs", "2", "--clean-epochs", "3"], "is more than the 2 epochs"),
         (["ensemble", "--teacher", "/nonexistent/run"],
@@ -422,7 +422,7 @@ def test_under_torchrun_one_process_a_machine_prints_a_mistake(monkeypatch, caps
     assert "does not exist" in capsys.readouterr().err
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(["train", "--resume", "/nonexistent/run"]) == 2
-    assert "no checkpoint.safetensors" in capsys.readouterr().err
+    assert "--resume /nonexistent/run: no such folder" in capsys.readouterr().err
 
 
 def test_number_flags_say_why_and_evaluate_takes_both_tta_forms(capsys):

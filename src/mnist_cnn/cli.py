@@ -454,6 +454,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if is_ensemble(run_dir):
             raise UserError(f"{run_dir} is an ensemble folder: continue it with the mnist-cnn "
                             "ensemble command that made it (it resumes its members)")
+        if not run_dir.is_dir():
+            raise UserError(f"--resume {run_dir}: " + ("not a folder" if run_dir.exists()
+                                                      else "no such folder"))
         for name in ("checkpoint.safetensors", "config.json"):
             if not (run_dir / name).is_file():
                 raise UserError(f"{run_dir} has no {name} to resume from")
@@ -717,9 +720,21 @@ def _classifier(args: argparse.Namespace):
     return classifier
 
 
+def _is_ipv6(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mnist_cnn.serve import listen, run
 
+    if "/" in args.host or (":" in args.host and not _is_ipv6(args.host)):
+        raise UserError(f"--host {args.host}: give a host name or address alone, without "
+                        "http:// or a port (the port is --port), e.g. --host 0.0.0.0")
     classifier = _classifier(args)
     if not args.host:  # '' listens on every address of the machine (serve.listen)
         where = f"port {args.port} of every address"
