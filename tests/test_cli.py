@@ -92,7 +92,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         # A mistyped folder is said to be missing, not taken for a single run.
         (["evaluate", "/nonexistent/run", "--tta", "on"], "/nonexistent/run does not exist"),
         (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
-        (["train", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such folder"),
+        (["train", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: it does not exist"),
         (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
         (["train", "--epochs", "2", "--clean-epochs", "3"], "is more than the 2 epochs"),
         (["ensemble", "--teacher", "/nonexistent/run"],
@@ -330,8 +330,14 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
     scored = tmp_path / "scored"  # what `evaluate --out` writes: a report, no run
     scored.mkdir()
     (scored / "report.json").write_text("{}")
+    weights = tmp_path / "weights"  # a run's weights, copied without the run
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"")
     for argv, message in (
         (["ensemble", "--out", str(scored)], f"{scored} already holds report.json"),
+        (["ensemble", "--out", str(weights)], f"{weights} already holds model.safetensors"),
+        (["ensemble", "--teacher", str(a_file)], "run or ensemble folder (not a folder)"),
+        (["train", "--resume", str(a_file)], f"--resume {a_file}: not a folder"),
         (["evaluate", str(DEFAULT_MODEL), "--out", str(tmp_path / "ev"), "--data-dir",
           str(a_file)], "is a file, not a folder"),
         (["ensemble", "--out", str(run)], "holds a single run, not an ensemble"),
@@ -422,7 +428,7 @@ def test_under_torchrun_one_process_a_machine_prints_a_mistake(monkeypatch, caps
     assert "does not exist" in capsys.readouterr().err
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(["train", "--resume", "/nonexistent/run"]) == 2
-    assert "--resume /nonexistent/run: no such folder" in capsys.readouterr().err
+    assert "--resume /nonexistent/run: it does not exist" in capsys.readouterr().err
 
 
 def test_number_flags_say_why_and_evaluate_takes_both_tta_forms(capsys):

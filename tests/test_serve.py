@@ -252,10 +252,15 @@ def test_a_port_in_use_is_one_clear_line(capsys, monkeypatch):
     assert main(["serve", "--host", "", "--port", "8000"]) == 0
     err = capsys.readouterr().err
     assert "Serving on port 8000 of every address: http://localhost:8000/ here" in err
-    # A URL or host:port in --host: said at once, not taken for an IPv6 address.
+    # A URL or host:port in --host: said at once, not taken for an IPv6 address; an IPv6
+    # address is one, without the brackets a URL puts around it.
     for host in ("http://localhost", "localhost:8000"):
         assert main(["serve", "--host", host]) == 2
         assert f"--host {host}: give a host name or address alone" in capsys.readouterr().err
+    assert main(["serve", "--host", "[::1]"]) == 2
+    assert "give the IPv6 address without brackets" in capsys.readouterr().err
+    assert main(["serve", "--host", "::1", "--port", "8000"]) == 0
+    assert "Serving on http://[::1]:8000/" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--port", "65536"])
     assert "must be 65535 or less" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import ipaddress
 import json
 import math
 import os
@@ -456,7 +457,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                             "ensemble command that made it (it resumes its members)")
         if not run_dir.is_dir():
             raise UserError(f"--resume {run_dir}: " + ("not a folder" if run_dir.exists()
-                                                      else "no such folder"))
+                                                      else "it does not exist"))
         for name in ("checkpoint.safetensors", "config.json"):
             if not (run_dir / name).is_file():
                 raise UserError(f"{run_dir} has no {name} to resume from")
@@ -622,8 +623,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         if (folder / "config.json").is_file():
             raise UserError(f"--out {folder} holds a single run, not an ensemble: "
                             "choose another --out")
-        # A report or weights without an ensemble around them (an evaluate --out, a copy): the
-        # ensemble's own report.json and figures would overwrite them.
+        # A report (an evaluate --out) or a run's weights without the run: the ensemble's own
+        # report.json and figures would overwrite the one, and sit beside the other unused.
         held = [n for n in ("model.safetensors", "report.json") if (folder / n).exists()]
         if held:
             raise UserError(f"--out {folder} already holds {' and '.join(held)}: "
@@ -721,8 +722,6 @@ def _classifier(args: argparse.Namespace):
 
 
 def _is_ipv6(host: str) -> bool:
-    import ipaddress
-
     try:
         return ipaddress.ip_address(host).version == 6
     except ValueError:
@@ -732,9 +731,11 @@ def _is_ipv6(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     from mnist_cnn.serve import listen, run
 
+    if args.host.startswith("[") and _is_ipv6(args.host.strip("[]")):
+        raise UserError(f"--host {args.host}: give the IPv6 address without brackets")
     if "/" in args.host or (":" in args.host and not _is_ipv6(args.host)):
         raise UserError(f"--host {args.host}: give a host name or address alone, without "
-                        "http:// or a port (the port is --port), e.g. --host 0.0.0.0")
+                        "http:// or a port (the port is --port), e.g. --host localhost")
     classifier = _classifier(args)
     if not args.host:  # '' listens on every address of the machine (serve.listen)
         where = f"port {args.port} of every address"

@@ -201,8 +201,10 @@ def teacher_runs(folder: str | Path) -> list[Path]:
             why = "not a folder" if folder.exists() else "it does not exist"
         elif not is_ensemble(folder) and not (folder / "config.json").is_file():
             why = "no run in it"  # an evaluate --out, say: a report, no weights
+        elif is_ensemble(folder):
+            why = f"{', '.join(r.name for r in lacking)} unfinished or without model.safetensors"
         else:
-            why = f"{', '.join(r.name for r in lacking)} unfinished or without weights"
+            why = "unfinished or without model.safetensors"
         raise ValueError(f"{folder} is not a finished run or ensemble folder ({why})")
     return runs
 
