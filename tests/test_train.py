@@ -234,7 +234,7 @@ def test_distillation_targets_and_training(mnist, teacher, tmp_path):
     half = tmp_path / "half"
     shutil.copytree(teacher, half)
     (half / "member-1" / "report.json").unlink()
-    with pytest.raises(ValueError, match=r"\(member-1 unfinished\)"):
+    with pytest.raises(ValueError, match=r"\(member-1 unfinished or without model.safetensors\)"):
         teacher_probabilities(half, images, CPU)
 
 
