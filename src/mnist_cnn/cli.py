@@ -296,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_stray_results(folder: Path, shown: str) -> None:
+    """Weights or a report in a new run's or ensemble's --out without a run around them (an
+    evaluate --out, a copy): not to be overwritten, nor left beside new results as if theirs."""
+    held = [name for name in ("model.safetensors", "report.json") if (folder / name).exists()]
+    if held:
+        raise UserError(f"{shown} already holds {' and '.join(held)}: choose another --out")
+
+
 def _check_out(path: Path, flag: str, hint: str = "") -> None:
     """Refuse an output folder that cannot be made (a file in the way, no permission) at once, in
     one line, instead of with a traceback after loading data or training."""
@@ -492,12 +500,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "or choose another --out"
             )
-        # Weights or a report without a finished run beside them (an evaluate --out, a copy):
-        # not to be overwritten either. (A config.json alone is a run stopped before its first
-        # epoch: nothing lost.)
-        held = [name for name in ("model.safetensors", "report.json") if (run_dir / name).exists()]
-        if held:
-            raise UserError(f"{run_dir} already holds {' and '.join(held)}: choose another --out")
+        # (A config.json alone is a run stopped before its first epoch: nothing lost.)
+        _refuse_stray_results(run_dir, f"{run_dir}")
     _warn_if_slow_bf16(cfg, device, say, resuming=bool(args.resume))
     new_folder = not args.resume and not run_dir.exists()
     data = _load_data(args, quiet=not dist.main)
@@ -623,12 +627,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         if (folder / "config.json").is_file():
             raise UserError(f"--out {folder} holds a single run, not an ensemble: "
                             "choose another --out")
-        # A report (an evaluate --out) or a run's weights without the run: the ensemble's own
-        # report.json and figures would overwrite the one, and sit beside the other unused.
-        held = [n for n in ("model.safetensors", "report.json") if (folder / n).exists()]
-        if held:
-            raise UserError(f"--out {folder} already holds {' and '.join(held)}: "
-                            "choose another --out")
+        _refuse_stray_results(folder, f"--out {folder}")
     _warn_if_slow_bf16(cfg, device)
     data = _load_data(args)
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"

@@ -194,15 +194,16 @@ def teacher_runs(folder: str | Path) -> list[Path]:
     from mnist_cnn.ensemble import is_ensemble, member_dirs  # ensemble imports train
 
     folder = Path(folder)
-    runs = (member_dirs(folder) if is_ensemble(folder) else [folder]) if folder.is_dir() else []
+    ensemble = folder.is_dir() and is_ensemble(folder)
+    runs = member_dirs(folder) if ensemble else [folder] if folder.is_dir() else []
     lacking = [r for r in runs if not (run_finished(r) and (r / "model.safetensors").is_file())]
     if not runs or lacking:
-        if not folder.is_dir():
+        if not runs:
             why = "not a folder" if folder.exists() else "it does not exist"
-        elif not is_ensemble(folder) and not (folder / "config.json").is_file():
-            why = "no run in it"  # an evaluate --out, say: a report, no weights
-        elif is_ensemble(folder):
+        elif ensemble:
             why = f"{', '.join(r.name for r in lacking)} unfinished or without model.safetensors"
+        elif not (folder / "config.json").is_file():
+            why = "no run in it"  # an evaluate --out, say: a report, no weights
         else:
             why = "unfinished or without model.safetensors"
         raise ValueError(f"{folder} is not a finished run or ensemble folder ({why})")
