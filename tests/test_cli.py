@@ -93,7 +93,8 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["evaluate", "/nonexistent/run", "--tta", "on"], "/nonexistent/run does not exist"),
         (["train", "--data-dir", "/nonexistent/data", "--epochs", "1"], "Put the four MNIST files"),
         (["train", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: it does not exist"),
-        (["train", "--width", "1.5", "--epochs", "1"], "--width applies to --model strong only"),
+        (["train", "--width", "1.5", "--epochs", "1"],
+         "--width applies to --model strong and m7 only"),
         (["train", "--epochs", "2", "--clean-epochs", "3"], "is more than the 2 epochs"),
         (["ensemble", "--teacher", "/nonexistent/run"],
          "/nonexistent/run is not a finished run or ensemble folder (it does not exist)"),
@@ -106,6 +107,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
         (["train", "--max-scale", "1"], "give a fraction below 1"),
         (["train", "--model", "strong", "--train-subset", "1"], "2 images or more a batch"),
         (["train", "--model", "strong", "--batch-size", "1"], "2 images or more a batch"),
+        (["train", "--model", "m7", "--batch-size", "1"], "--model m7 trains with batch norm"),
         # Augmentation flags where there is no augmentation: refused, not silently dropped.
         (["train", "--fast", "--max-rotation", "20", "--cutout", "4"],
          "--max-rotation, --cutout have no effect with --fast"),

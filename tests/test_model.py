@@ -12,7 +12,7 @@ from mnist_cnn.augment import (
     thicken,
     transform,
 )
-from mnist_cnn.model import Dropout, ReferenceCNN, count_params
+from mnist_cnn.model import M7CNN, Dropout, ReferenceCNN, count_params
 
 
 @pytest.mark.parametrize("padding,params", [("same", 3_231_114), ("valid", 2_379_146)])
@@ -21,6 +21,20 @@ def test_output_shape_and_params(padding, params):
     assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
     # conv1 320 + conv2 8,256 + dense (flatten × 1024 + 1024) + dense 10,250
     assert count_params(model) == params
+
+
+def test_m7_layout():
+    # Its layer table in docs/RESULTS.md: 262,234 parameters (the strong model's test is in
+    # test_ensemble.py).
+    m7 = M7CNN()
+    assert m7(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+    assert count_params(m7) == 262_234
+    # Four unpadded 7×7 convolutions take 28 to 4 (28 - 4 × 6); --width multiplies the channels.
+    m7 = M7CNN(dropout=(0.1, 0.3), width=1.5)
+    assert m7.features(torch.zeros(2, 1, 28, 28)).shape == (2, 96, 4, 4)
+    assert [m.p for m in m7.modules() if isinstance(m, Dropout)] == [0.1, 0.1, 0.3]
+    with pytest.raises(ValueError, match="width must be positive"):
+        M7CNN(width=0)
 
 
 def test_dropout_rates_are_used():

@@ -93,10 +93,12 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     """The training-recipe flags shared by train and ensemble."""
     d = DEFAULTS
     t.add_argument("--model", choices=MODEL_NAMES,
-                   help=f"architecture: reference (the reference table) or strong (batch norm, "
-                        f"more and smaller convolutions) (default: {d.model})")
+                   help=f"architecture: reference (the reference table), strong (batch norm, "
+                        f"more and smaller convolutions) or m7 (batch norm, four 7x7 "
+                        f"convolutions: a member unlike strong, for mixed ensembles) "
+                        f"(default: {d.model})")
     t.add_argument("--width", type=_bounded(float, 0, inclusive=False, high=8), metavar="W",
-                   help="strong model only: multiply its channels by W (1.5: 48/96/192 "
+                   help="strong and m7 only: multiply the channels by W (1.5: 48/96/192 "
                         f"channels, about 2.2x the arithmetic) (default: {d.width:g})")
     # Recipe flags default to None: unset ones take the value of the recipe (defaults or --fast).
     t.add_argument("--epochs", type=_positive(int), help=f"epochs to train (default: {d.epochs})")
@@ -120,7 +122,7 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--max-rotation", type=_nonnegative, metavar="DEG",
                    help="random rotation uniform in ±DEG degrees (default: "
                         f"{d.rotation():g} for the reference model, "
-                        f"{TrainConfig(model='strong').rotation():g} for strong)")
+                        f"{TrainConfig(model='strong').rotation():g} for strong and m7)")
     t.add_argument("--max-shift", type=_nonnegative, metavar="PX",
                    help="random shift uniform in ±PX pixels on each axis "
                         f"(default: {d.max_shift:g})")
@@ -145,7 +147,7 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
     t.add_argument("--clean-epochs", type=_nonnegative_int, metavar="K",
                    help="train the last K epochs without augmentation (default: for the "
                         "reference model a tenth of the epochs, rounded down, "
-                        f"{d.n_clean_epochs()} of {d.epochs}; for the strong model 0)")
+                        f"{d.n_clean_epochs()} of {d.epochs}; for strong and m7 0)")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
     t.add_argument("--dropout", type=_dropout, metavar="P1,P2",
                    help="drop rates of the two dropout layers "
@@ -220,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--tta", action=argparse.BooleanOptionalAction,
                     help="test-time augmentation: score each member on the image and six copies "
                          "shifted by a pixel or turned by 8 degrees, averaged (default: on for "
-                         "the reference model, off for strong, as chosen on validation; an "
+                         "the reference model, off for strong and m7, as chosen on validation; an "
                          "ensemble continued without either flag keeps its own)")
     _add_recipe(en)
     en.add_argument("--out", metavar="DIR", type=Path,
@@ -362,20 +364,21 @@ def _config_from_args(
                    else "--fast (its recipe trains without augmentation)")
             raise UserError(f"{', '.join(moot)} {'has' if len(moot) == 1 else 'have'} no effect "
                             f"with {why}: leave {'it' if len(moot) == 1 else 'them'} out")
-    if cfg.width != 1 and cfg.model != "strong":
-        raise UserError("--width applies to --model strong only (the reference layers are fixed)")
+    if cfg.width != 1 and cfg.model == "reference":
+        raise UserError("--width applies to --model strong and m7 only (the reference layers are "
+                        "fixed)")
     if args.padding is not None and cfg.model != "reference" and main:
         # A note, not an error: an ensemble begun with it continues with or without it.
-        print("mnist-cnn: note: --padding applies to the reference model; the strong model's "
-              "convolutions have their own", file=sys.stderr)
+        print(f"mnist-cnn: note: --padding applies to the reference model; the {cfg.model} "
+              "model's convolutions have their own", file=sys.stderr)
     if cfg.max_scale >= 1:
         raise UserError(f"--max-scale {cfg.max_scale:g} would scale digits by 1 - "
                         f"{cfg.max_scale:g} <= 0: give a fraction below 1 (0.1 is ±10%)")
     need = cfg.min_share()
     if min(cfg.batch_size, cfg.train_subset or cfg.batch_size) < need * world:
-        if world == 1:  # only the strong model can get here (--batch-size is 1 or more)
-            raise UserError("--model strong trains with batch norm, which needs 2 images or more "
-                            "a batch: give --batch-size and --train-subset of 2 or more")
+        if world == 1:  # only a batch-norm model can get here (--batch-size is 1 or more)
+            raise UserError(f"--model {cfg.model} trains with batch norm, which needs 2 images "
+                            "or more a batch: give --batch-size and --train-subset of 2 or more")
         raise UserError(
             f"--model {cfg.model} in {world} processes needs --batch-size (and --train-subset) "
             f"of {need * world} or more: each process's share of a batch must hold "

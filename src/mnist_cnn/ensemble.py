@@ -110,9 +110,9 @@ def train_members(
             # As written to config.json: settings left to their default are resolved there.
             saved = TrainConfig.load(saved_path).to_json()
             wanted = member_cfg.to_json()
-            # The strong model has its own padding: a --padding given to one command and not the
-            # other changes nothing it trains.
-            moot = {"padding"} if cfg.model == "strong" else set()
+            # The batch-norm models have their own padding: a --padding given to one command and
+            # not the other changes nothing they train.
+            moot = set() if cfg.model == "reference" else {"padding"}
             if not cfg.augment:  # begun with augmentation flags that did nothing (now refused)
                 moot |= set(AUGMENT_VALUES)
             diff = [f"{key} {saved[key]} (asked: {wanted[key]})"
@@ -245,7 +245,8 @@ def write_ensemble_report(
     tta = made_with if tta is None else tta
     runs = [Path(folder) / name for name in spec["members"]]
     members = [read_report(r, needs=("params", "best_epoch", "train_seconds")) for r in runs]
-    first = TrainConfig.load(runs[0] / "config.json")
+    configs = [TrainConfig.load(r / "config.json") for r in runs]
+    first = configs[0]
     # Before scoring: a member replaced while it is scored (minutes) then differs from what the
     # report keeps, and the next `mnist-cnn ensemble` scores again.
     fingerprints = member_fingerprints(runs)
@@ -258,7 +259,9 @@ def write_ensemble_report(
         out, test_proba, val_proba, data, [read_history(r) for r in runs],
         sum(m["params"] for m in members),
         {
-            "model": first.model, "members": len(runs), "tta": tta,
+            # A hand-made ensemble.json may name members of several models: "m7/strong".
+            "model": "/".join(sorted({c.model for c in configs})), "members": len(runs),
+            "tta": tta,
             # The ensemble has no best epoch of its own: each member was picked at its own.
             "best_epoch": None, "member_best_epoch": [m["best_epoch"] for m in members],
             "member_test_accuracy": accs,
