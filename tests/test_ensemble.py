@@ -160,7 +160,9 @@ def test_strong_model_shape_and_training(mnist, tmp_path):
     assert history[0]["val_accuracy"] > 0.8
 
 
-def test_model_flag_trains_that_model_and_a_hand_made_ensemble_mixes_models(tmp_path, data_dir):
+def test_model_flag_trains_that_model_and_a_hand_made_ensemble_mixes_models(
+    tmp_path, data_dir, capsys
+):
     for name in ("strong", "m7"):
         run = tmp_path / name
         assert main(["train", "--model", name, *TINY, "--train-subset", "300", "--out", str(run),
@@ -183,6 +185,11 @@ def test_model_flag_trains_that_model_and_a_hand_made_ensemble_mixes_models(tmp_
            for n in ("strong", "m7")]
     assert report["member_test_accuracy"] == pytest.approx(own, abs=1e-9)
     assert "an ensemble of 2 m7/strong models" in Classifier.load(mix, CPU).about
+    # `mnist-cnn ensemble` would write its own members' list over it: refused.
+    capsys.readouterr()
+    assert main(["ensemble", "--models", "1", "--out", str(mix)]) == 2
+    assert "is an ensemble of other runs (../strong, ...)" in capsys.readouterr().err
+    assert json.loads((mix / "ensemble.json").read_text())["members"] == ["../strong", "../m7"]
 
 
 def test_keep_last_epoch_rescores_an_old_best_epoch_ensemble(tmp_path, data_dir):

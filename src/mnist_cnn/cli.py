@@ -631,6 +631,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             raise UserError(f"--out {folder} holds a single run, not an ensemble: "
                             "choose another --out")
         _refuse_stray_results(folder, f"--out {folder}")
+    elif (names := read_spec(folder)["members"]) != [f"member-{k}" for k in range(len(names))]:
+        # An ensemble.json written by hand, naming runs elsewhere: training would replace it.
+        raise UserError(f"--out {folder} is an ensemble of other runs ({names[0]}, ...), not one "
+                        "this command made: choose another --out")
     _warn_if_slow_bf16(cfg, device)
     data = _load_data(args)
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"
