@@ -98,8 +98,8 @@ def _add_recipe(t: argparse.ArgumentParser) -> None:
                         f"convolutions: a member unlike strong, for mixed ensembles) "
                         f"(default: {d.model})")
     t.add_argument("--width", type=_bounded(float, 0, inclusive=False, high=8), metavar="W",
-                   help="strong and m7 only: multiply the channels by W (1.5: 48/96/192 "
-                        f"channels, about 2.2x the arithmetic) (default: {d.width:g})")
+                   help="strong and m7 only: multiply the channels by W (strong at 1.5: "
+                        f"48/96/192 channels, about 2.2x the arithmetic) (default: {d.width:g})")
     # Recipe flags default to None: unset ones take the value of the recipe (defaults or --fast).
     t.add_argument("--epochs", type=_positive(int), help=f"epochs to train (default: {d.epochs})")
     t.add_argument("--batch-size", type=_positive(int),
@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--tta", action=argparse.BooleanOptionalAction,
                     help="test-time augmentation: score each member on the image and six copies "
                          "shifted by a pixel or turned by 8 degrees, averaged (default: on for "
-                         "the reference model, off for strong and m7, as chosen on validation; an "
-                         "ensemble continued without either flag keeps its own)")
+                         "the reference model, off for strong (and m7, which follows it), as "
+                         "chosen on validation; an ensemble continued without either flag keeps "
+                         "its own)")
     _add_recipe(en)
     en.add_argument("--out", metavar="DIR", type=Path,
                     help="ensemble folder (default: a new folder under runs/)")
