@@ -134,6 +134,11 @@ def test_padding_with_the_strong_model_is_noted_and_ignored(capsys):
     # Under torchrun only the first process says it.
     assert _config_from_args(args, world=2, main=False).model == "strong"
     assert capsys.readouterr().err == ""
+    # m7 is a batch-norm model like strong: --width applies, --padding is noted.
+    args = build_parser().parse_args(["train", "--model", "m7", "--width", "1.5",
+                                      "--padding", "valid"])
+    assert _config_from_args(args).width == 1.5
+    assert "the m7 model's convolutions have their own" in capsys.readouterr().err
 
 
 def test_an_output_folder_that_cannot_be_made_is_refused_at_once(tmp_path, capsys, monkeypatch):
@@ -248,10 +253,10 @@ def test_python_dash_m_help():
 def test_the_command_line_is_read_without_importing_torch():
     # torch takes seconds to import: --help and a mistyped flag answer without it, and a Ctrl-C
     # while it loads happens inside main(), which reports it in one line.
-    from mnist_cnn.config import MODEL_NAMES
+    from mnist_cnn.config import MODEL_NAMES, TTA_BY_DEFAULT
     from mnist_cnn.model import MODELS
 
-    assert tuple(MODELS) == MODEL_NAMES
+    assert tuple(MODELS) == MODEL_NAMES and set(TTA_BY_DEFAULT) == set(MODEL_NAMES)
     code = ("import sys\nfrom mnist_cnn.cli import main\n"
             "for argv in (['--help'], ['train', '--help'], ['train', '--epochs', '0']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"

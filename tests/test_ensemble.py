@@ -64,8 +64,9 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, mnist, capsys)
     (folder / "wrong_results.png").unlink()  # a figure deleted: drawn again
     assert up_to_date_report(folder, tta=True, device=CPU) is None
 
-    # Other flags into the same folder: one clear line, and nothing reused, trained or written.
-    assert main([*args, "--lr", "0.004"]) == 2
+    # Other flags into the same folder: one clear line, and nothing reused, trained or written
+    # (another --models is no other flag: the folder is still this command's own).
+    assert main([*args, "--lr", "0.004", "--models", "3"]) == 2
     err = capsys.readouterr().err
     assert "member-0 was trained with other settings: lr 0.002 (asked: 0.004)" in err
     assert json.loads((folder / "report.json").read_text()) == report

@@ -192,14 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnist-cnn",
         description="Train, evaluate, explain and serve a CNN digit classifier on MNIST: the "
-        "reference project's layers (the default) or a stronger model (--model strong).",
+        "reference project's layers (the default) or a stronger model (--model strong, m7).",
     )
     parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser(
         "train", help="train a model and write a run folder",
-        description="Train the reference CNN (or --model strong) with the default recipe and "
+        description="Train the reference CNN (or --model strong, m7) with the default recipe and "
         "write a run folder: "
         "model.safetensors, config.json, metrics.jsonl, report.json and four figures. "
         "Checkpoints are saved after every epoch; Ctrl-C stops cleanly and --resume continues.",
@@ -632,9 +632,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             raise UserError(f"--out {folder} holds a single run, not an ensemble: "
                             "choose another --out")
         _refuse_stray_results(folder, f"--out {folder}")
-    elif (names := read_spec(folder)["members"]) != [f"member-{k}" for k in range(len(names))]:
+    elif other := [name for k, name in enumerate(read_spec(folder)["members"])
+                   if name != f"member-{k}"]:
         # An ensemble.json written by hand, naming runs elsewhere: training would replace it.
-        raise UserError(f"--out {folder} is an ensemble of other runs ({names[0]}, ...), not one "
+        raise UserError(f"--out {folder} is an ensemble of other runs ({other[0]}, ...), not one "
                         "this command made: choose another --out")
     _warn_if_slow_bf16(cfg, device)
     data = _load_data(args)

@@ -103,7 +103,7 @@ class TrainConfig:
     # ±25° for the reference layers (the reference's ±20° widened: over five seeds it read 8
     # more validation images right; ±15° and ±30° read fewer over three), ±10° for the strong
     # model (one validation image more right than ±20° on each of three seeds, in fp32; ±25°
-    # read one fewer on each of two).
+    # read one fewer on each of two; m7 takes the strong model's recipe).
     augment: bool = True
     max_rotation: float | None = None
     max_shift: float = 2.0
@@ -117,7 +117,7 @@ class TrainConfig:
     # the long middle of the schedule, and its low-learning-rate end then fits the digits as they
     # are written (0: augment every epoch). None, the default: for the reference layers a tenth
     # of the epochs, rounded down (3 of 30; a run of fewer than 10 epochs augments throughout),
-    # for the strong model 0. On validation, 3 of 30 beat 0, 5 and 10 on the reference layers,
+    # for strong and m7 0. On validation, 3 of 30 beat 0, 5 and 10 on the reference layers,
     # while the strong model, already at 99.7% training accuracy with augmentation, lost with 3
     # and with 5 (docs/RESULTS.md).
     clean_epochs: int | None = None

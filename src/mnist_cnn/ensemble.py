@@ -208,8 +208,9 @@ def member_fingerprints(runs: list[Path]) -> list[str]:
 
 
 def scored_in(first: TrainConfig, device: torch.device) -> str:
-    """The precision an ensemble's members are scored in on `device` ("bf16" or "fp32"; they
-    share one recipe, so the first member's config says it)."""
+    """The precision an ensemble's members are scored in on `device` ("bf16" or "fp32"; the
+    command's members share one recipe, so the first member's config says it; a hand-made
+    ensemble.json mixing precisions is reported by its first member's)."""
     return precision_name(inference_precision(first.precision, device))
 
 

@@ -547,7 +547,7 @@ def train(
     `teacher_probs`, with `cfg.teacher`: the teacher's probabilities for the training images,
     if the caller has them already (`teacher_probabilities`); else the teacher is asked.
     A resumed run keeps the batches it began with; one whose last batch the processes cannot
-    share with an image each (two for the strong model: batch norm) raises CannotResume first.
+    share with an image each (two for the batch-norm models) raises CannotResume first.
     """
     dist = dist or Dist()
     if cfg.select not in ("last", "best"):
