@@ -222,9 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--tta", action=argparse.BooleanOptionalAction,
                     help="test-time augmentation: score each member on the image and six copies "
                          "shifted by a pixel or turned by 8 degrees, averaged (default: on for "
-                         "the reference model, off for strong (and m7, which follows it), as "
-                         "chosen on validation; an ensemble continued without either flag keeps "
-                         "its own)")
+                         "the reference model, off for strong and m7, as chosen on validation; an "
+                         "ensemble continued without either flag keeps its own)")
     _add_recipe(en)
     en.add_argument("--out", metavar="DIR", type=Path,
                     help="ensemble folder (default: a new folder under runs/)")

@@ -40,8 +40,8 @@ MODEL_NAMES = ("reference", "strong", "m7")
 # reference layers yes (each of five members read more validation images right with it), for the
 # strong model no (the five together read validation the same with and without it, twice; of
 # three fp32 members two read more right with it, 1 and 2 images, and one the same; the three
-# together tied, as the reference five together did). docs/RESULTS.md. m7 follows strong,
-# unmeasured.
+# together tied, as the reference five together did), nor for m7 (its three members read one
+# validation image fewer, the same and two more with it; together two fewer). docs/RESULTS.md.
 TTA_BY_DEFAULT = {"reference": True, "strong": False, "m7": False}
 
 # The settings that shape the augmentation: moot without it (--no-augment, --fast).
