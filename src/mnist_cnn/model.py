@@ -77,6 +77,13 @@ class ReferenceCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _channels(width: float, *base: int) -> list[int]:
+    """The channels of a batch-norm model's layers, `base` multiplied by `--width`."""
+    if width <= 0:
+        raise ValueError(f"width must be positive, not {width}")
+    return [max(1, round(n * width)) for n in base]
+
+
 def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
     # No conv bias: the batch norm right after it has one.
     return [nn.Conv2d(c_in, c_out, k, stride, padding, bias=False), nn.BatchNorm2d(c_out),
@@ -101,9 +108,7 @@ class StrongCNN(nn.Module):
         self, dropout: tuple[float, float] = (0.2, 0.2), padding: str = "same", width: float = 1.0
     ) -> None:
         super().__init__()
-        if width <= 0:
-            raise ValueError(f"width must be positive, not {width}")
-        a, b, c = (max(1, round(n * width)) for n in (32, 64, 128))
+        a, b, c = _channels(width, 32, 64, 128)
         self.features = nn.Sequential(
             *_conv_bn(1, a, 3), *_conv_bn(a, a, 3), *_conv_bn(a, a, 5, 2, 2),
             Dropout(dropout[0]),
@@ -135,9 +140,7 @@ class M7CNN(nn.Module):
         self, dropout: tuple[float, float] = (0.2, 0.2), padding: str = "same", width: float = 1.0
     ) -> None:
         super().__init__()
-        if width <= 0:
-            raise ValueError(f"width must be positive, not {width}")
-        a, b, c, d = (max(1, round(n * width)) for n in (16, 32, 48, 64))
+        a, b, c, d = _channels(width, 16, 32, 48, 64)
         self.features = nn.Sequential(
             *_conv_bn(1, a, 7), *_conv_bn(a, b, 7), Dropout(dropout[0]),
             *_conv_bn(b, c, 7), Dropout(dropout[0]), *_conv_bn(c, d, 7),
