@@ -189,7 +189,7 @@ def test_model_flag_trains_that_model_and_a_hand_made_ensemble_mixes_models(
     # `mnist-cnn ensemble` would write its own members' list over it: refused.
     capsys.readouterr()
     assert main(["ensemble", "--models", "1", "--out", str(mix)]) == 2
-    assert "is an ensemble of other runs (../strong, ...)" in capsys.readouterr().err
+    assert "is an ensemble of other runs (../strong, ../m7), not one" in capsys.readouterr().err
     assert json.loads((mix / "ensemble.json").read_text())["members"] == ["../strong", "../m7"]
 
 

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnist-cnn",
         description="Train, evaluate, explain and serve a CNN digit classifier on MNIST: the "
-        "reference project's layers (the default) or a stronger model (--model strong, m7).",
+        "reference project's layers (the default) or stronger models (--model strong, m7).",
     )
     parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -634,8 +634,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     elif other := [name for k, name in enumerate(read_spec(folder)["members"])
                    if name != f"member-{k}"]:
         # An ensemble.json written by hand, naming runs elsewhere: training would replace it.
-        raise UserError(f"--out {folder} is an ensemble of other runs ({other[0]}, ...), not one "
-                        "this command made: choose another --out")
+        raise UserError(f"--out {folder} is an ensemble of other runs ({', '.join(other[:2])}"
+                        f"{', ...' if len(other) > 2 else ''}), not one this command made: "
+                        "choose another --out")
     _warn_if_slow_bf16(cfg, device)
     data = _load_data(args)
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"

@@ -50,7 +50,7 @@ class ReferenceCNN(nn.Module):
         super().__init__()
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', not {padding!r}")
-        if width != 1:  # the reference table's channels, exactly (`width` is the strong model's)
+        if width != 1:  # the reference table's channels, exactly (`width` is for strong and m7)
             raise ValueError(f"the reference layers' channels are fixed: width 1, not {width}")
         same = padding == "same"
         side = 7 if same else 6
