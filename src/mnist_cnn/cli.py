@@ -615,6 +615,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from mnist_cnn.ensemble import (
         RecipeMismatch,
         is_ensemble,
+        member_names,
         read_spec,
         train_members,
         up_to_date_report,
@@ -631,12 +632,14 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             raise UserError(f"--out {folder} holds a single run, not an ensemble: "
                             "choose another --out")
         _refuse_stray_results(folder, f"--out {folder}")
-    elif other := [name for k, name in enumerate(read_spec(folder)["members"])
-                   if name != f"member-{k}"]:
-        # An ensemble.json written by hand, naming runs elsewhere: training would replace it.
-        raise UserError(f"--out {folder} is an ensemble of other runs ({', '.join(other[:2])}"
-                        f"{', ...' if len(other) > 2 else ''}), not one this command made: "
-                        "choose another --out")
+    else:
+        names = read_spec(folder)["members"]
+        other = [name for name, made in zip(names, member_names(len(names)), strict=True)
+                 if name != made]
+        if other:  # an ensemble.json written by hand, naming runs elsewhere: training replaces it
+            raise UserError(f"--out {folder} is an ensemble of other runs ({', '.join(other[:2])}"
+                            f"{', ...' if len(other) > 2 else ''}), not one this command "
+                            "made: choose another --out")
     _warn_if_slow_bf16(cfg, device)
     data = _load_data(args)
     print(f"Ensemble of {args.models} {cfg.model} models, seeds {cfg.seed}–"

@@ -60,6 +60,16 @@ def read_spec(folder: Path) -> dict:
     return spec
 
 
+def member_names(models: int) -> list[str]:
+    """The folder names `mnist-cnn ensemble` gives its members, in seed order."""
+    return [f"member-{k}" for k in range(models)]
+
+
+def model_names(configs: list[TrainConfig]) -> str:
+    """The models an ensemble averages, in words: "strong", or "m7/strong" for a hand-made mix."""
+    return "/".join(sorted({c.model for c in configs}))
+
+
 def member_dirs(folder: Path) -> list[Path]:
     return [Path(folder) / name for name in read_spec(folder)["members"]]
 
@@ -102,7 +112,7 @@ def train_members(
 
     A member already in the folder is reused or resumed only if it was started with this
     recipe: otherwise the ensemble would silently mix recipes (RecipeMismatch, before any work)."""
-    names = [f"member-{k}" for k in range(models)]
+    names = member_names(models)
     member_cfgs = [dataclasses.replace(cfg, seed=cfg.seed + k) for k in range(models)]
     for name, member_cfg in zip(names, member_cfgs, strict=True):
         saved_path = folder / name / "config.json"
@@ -261,7 +271,7 @@ def write_ensemble_report(
         sum(m["params"] for m in members),
         {
             # A hand-made ensemble.json may name members of several models: "m7/strong".
-            "model": "/".join(sorted({c.model for c in configs})), "members": len(runs),
+            "model": model_names(configs), "members": len(runs),
             "tta": tta,
             # The ensemble has no best epoch of its own: each member was picked at its own.
             "best_epoch": None, "member_best_epoch": [m["best_epoch"] for m in members],

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mnist_cnn.config import CorruptFile
-from mnist_cnn.ensemble import is_ensemble, model_proba, read_spec, ready_members
+from mnist_cnn.ensemble import is_ensemble, model_names, model_proba, read_spec, ready_members
 from mnist_cnn.evaluate import load_run
 from mnist_cnn.preprocess import ImageError, preprocess, read_file
 from mnist_cnn.train import inference_precision, read_report
@@ -40,12 +40,12 @@ class Classifier:
         runs, tta, ensemble = [folder], False, is_ensemble(folder)
         if ensemble:
             runs, tta = ready_members(folder), bool(read_spec(folder).get("tta"))
-        models, kinds = [], set()
+        models, configs = [], []
         for run in runs:
             cfg, model = load_run(run, device)
             models.append((model.eval(), inference_precision(cfg.precision, device)))
-            kinds.add(cfg.model)
-        kind = "/".join(sorted(kinds))
+            configs.append(cfg)
+        kind = model_names(configs)
         what = (f"an ensemble of {len(runs)} {kind} model{'s' if len(runs) > 1 else ''}"
                 if ensemble else f"a {kind} model")
         return cls(models, device, tta, describe(folder, what))
