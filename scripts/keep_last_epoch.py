@@ -4,11 +4,13 @@
 
 Training is the same whichever epoch a run keeps; only model.safetensors differs. A run's final
 checkpoint holds the last epoch's weights (the weight average when the run kept one), so a run
-made before `select` existed can be re-scored with them. OUT gets, for each run, a run folder
-with the original config.json (select set to "last"), metrics.jsonl, a model.safetensors taken
-from the checkpoint, and a fresh report.json and figures; for an ensemble, also the ensemble's
-report.json and figures, scored as its ensemble.json says (with test-time augmentation if it
-was made with it: seven times the inference). The original folders are not touched.
+made before `select` existed can be re-scored with them. (Runs made since finished runs drop
+their checkpoint have none; they chose `--select` when they were made.) OUT gets, for each
+run, a run folder with the original config.json (select set to "last"), metrics.jsonl, a
+model.safetensors taken from the checkpoint, and a fresh report.json and figures; for an
+ensemble, also the ensemble's report.json and figures, scored as its ensemble.json says (with
+test-time augmentation if it was made with it: seven times the inference). The original
+folders are not touched.
 """
 
 import dataclasses
@@ -33,6 +35,8 @@ def keep_last(run: Path, out: Path, data) -> dict:
     history = read_history(run)
     if len(history) != cfg.epochs:
         sys.exit(f"{run} is not finished: {len(history)} of {cfg.epochs} epochs")
+    if not (run / "checkpoint.safetensors").is_file():
+        sys.exit(f"{run} has no checkpoint.safetensors to take the last epoch from")
     tensors, _ = read_safetensors(run / "checkpoint.safetensors")
     prefix = "ema." if cfg.ema > 0 else "model."
     model = prepare_model(cfg, CPU)

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
                  "--out", str(run), *args]) == 0
     for name in RUN_FILES:
         assert (run / name).stat().st_size > 0, name
+    # Finished: what only resuming reads is gone (the checkpoint is 4x the weights).
+    assert not (run / "checkpoint.safetensors").exists()
     report = json.loads((run / "report.json").read_text())
     for key in ("test_accuracy", "test_errors", "val_accuracy", "epochs", "train_seconds",
                 "params", "per_class_accuracy", "confusion_matrix"):
@@ -52,6 +55,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
     unfinished = tmp_path / "unfinished"  # its report not written yet: --resume writes it
     shutil.copytree(run, unfinished)
     (unfinished / "report.json").unlink()
+    (unfinished / "checkpoint.safetensors").write_bytes(b"")  # kept until the report is written
     assert main(["train", "--epochs", "1", "--out", str(unfinished), *args]) == 2
     assert f"resume it with --resume {unfinished}" in capsys.readouterr().err
 
@@ -61,12 +65,6 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
     captured = capsys.readouterr()
     assert "nothing to resume" in captured.err
     assert f"test accuracy {100 * report['test_accuracy']:.2f}%" in captured.out
-    assert {name: (run / name).stat().st_mtime_ns for name in RUN_FILES} == before
-
-    # A finished run without its checkpoint (deleted to save space) is not trained over either.
-    (run / "checkpoint.safetensors").unlink()
-    assert main(["train", "--epochs", "1", "--out", str(run), *args]) == 2
-    assert "holds a finished run: choose another --out" in capsys.readouterr().err
     assert {name: (run / name).stat().st_mtime_ns for name in RUN_FILES} == before
 
     # Evaluating a run that stopped early says so (here: a config asking for one epoch more).
@@ -450,6 +448,11 @@ def test_number_flags_say_why_and_evaluate_takes_both_tta_forms(capsys):
         with pytest.raises(SystemExit):
             main(["train", *bad])
         assert why in capsys.readouterr().err, bad
+    # A word the command does not know: said with that command's usage, not the top one.
+    with pytest.raises(SystemExit):
+        main(["ensemble", "--resume", "runs/x"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mnist-cnn ensemble") and "same command runs again" in err
     # --tta takes no value (`--tta on|off` is rewritten before parsing), so the folder may come
     # after it.
     parse = build_parser().parse_args
@@ -459,9 +462,10 @@ def test_number_flags_say_why_and_evaluate_takes_both_tta_forms(capsys):
         for argv in (["evaluate", "ens", *flag], ["evaluate", *flag, "ens"]):
             args = parse(_tta_words(argv))
             assert (args.run_dir, args.tta) == (Path("ens"), tta), argv
-    # Only evaluate's, and not after `--` (a folder named "on").
+    # Only evaluate's and ensemble's, and not after `--` (a folder named "on").
     assert _tta_words(["evaluate", "--", "--tta", "on"]) == ["evaluate", "--", "--tta", "on"]
     assert _tta_words(["predict", "--tta", "on"]) == ["predict", "--tta", "on"]
+    assert build_parser().parse_args(_tta_words(["ensemble", "--tta", "off"])).tta is False
 
 
 def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_dir, capsys,
@@ -482,6 +486,16 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
         (tmp_path / "mine").mkdir()  # ... but one the user made is kept
         assert main(["train", *args, "--out", str(tmp_path / "mine")]) == 130
         assert (tmp_path / "mine").is_dir()
+
+    def ctrl_c_while_preparing(cfg, run_dir, *a, **k):  # the model, the teacher's labels
+        run_dir.mkdir()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # before train's epochs begin: the same, not a bare line
+        m.setattr(train, "train", ctrl_c_while_preparing)
+        assert main(["train", *args, "--out", str(tmp_path / "c")]) == 130
+        assert "nothing was saved; run the same command again" in capsys.readouterr().err
+        assert not (tmp_path / "c").exists()
 
     # Under torchrun the hint to continue is a torchrun command too.
     from mnist_cnn.config import TrainConfig
@@ -552,7 +566,7 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
         assert main(["ensemble", "--models", "2", "--data-dir", str(data_dir)]) == 130
         err = capsys.readouterr().err
         made = err.split("→ ")[1].split()[0]
-        assert f"Interrupted while scoring in {made}; trained members are kept" in err
+        assert f"Interrupted in {made}; trained members are kept" in err
         assert f"same command with --out {made} (it" in err
 
     run = tmp_path / "b"
@@ -624,5 +638,6 @@ def test_a_termination_request_stops_a_training_as_ctrl_c_does(tmp_path, data_di
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "finished epoch(s) are saved" in err and f"mnist-cnn train --resume {run}" in err
+    assert re.search(r"Interrupted: \d+ finished epochs? (is|are) saved", err), err
+    assert f"mnist-cnn train --resume {run}" in err
     assert "Traceback" not in err

@@ -23,6 +23,11 @@ class CannotResume(Exception):
     """A run that cannot go on as it began under the launch asked for; the message says how."""
 
 
+class Diverged(Exception):
+    """A training whose loss stopped being a number (too high a learning rate, say): every
+    epoch after it would train on nan, so it stops; the message says what to change."""
+
+
 def corrupt(path: Path, what: str, error: Exception) -> CorruptFile:
     """The one-line error for `path`, with the first line of the reader's own complaint."""
     text = str(error).strip()

@@ -208,7 +208,12 @@ def load_arrays(
                     "--data-dir / MNIST_DATA_DIR at them"
                 )
             path = _download(name, folder, progress)
-        arrays[name] = read_idx_file(path, sha256, shape)
+        try:
+            arrays[name] = read_idx_file(path, sha256, shape)
+        except DataError as e:  # (a download is verified before it is kept: this one was here)
+            fix = ("delete it and run again to download a fresh copy" if download
+                   else "replace it with the original MNIST file")
+            raise DataError(f"{e}; {fix}") from None
     return arrays
 
 

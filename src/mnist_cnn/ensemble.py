@@ -22,6 +22,7 @@ from mnist_cnn.evaluate import check_run, load_run, read_history, save_report, w
 from mnist_cnn.figures import FIGURES
 from mnist_cnn.train import (
     REPORT_KEYS,
+    drop_resume_state,
     inference_precision,
     kept_teacher_probabilities,
     loss_and_accuracy,
@@ -77,10 +78,15 @@ def member_dirs(folder: Path) -> list[Path]:
 def ready_members(folder: Path) -> list[Path]:
     """An ensemble folder's members, checked before any is loaded: FileNotFoundError names the
     unfinished ones (and how to continue them) or a member whose weights are gone."""
-    members = member_dirs(folder)
+    names = read_spec(folder)["members"]
+    members = [Path(folder) / name for name in names]
     done = [run_finished(r) for r in members]
     if not all(done):
-        unfinished = [r.name for r, d in zip(members, done, strict=True) if not d]
+        unfinished = [name for name, d in zip(names, done, strict=True) if not d]
+        if names != member_names(len(names)):  # an ensemble.json written by hand
+            raise FileNotFoundError(
+                f"{folder}: {', '.join(unfinished)} not finished (or missing): every folder its "
+                "ensemble.json names (relative to it) must be a finished run")
         finished = done.index(False)  # members 0 .. finished - 1 are finished
         which = "member" if finished == 1 else f"{finished} members"
         smaller = (f"; or, to use its first {which} only, that command with "
@@ -154,8 +160,10 @@ def train_members(
               teacher_probs=teacher_probs)
         _, model = load_run(run, device)
         report = write_report(run, run, model, member_cfg, data, device)
+        drop_resume_state(run)
+        # Its own report, as `mnist-cnn train` scores it: the ensemble's may use TTA.
         log(f"{name}: test accuracy {100 * report['test_accuracy']:.2f}% "
-            f"({report['test_errors']} wrong)")
+            f"({report['test_errors']} wrong{', without test-time augmentation' if tta else ''})")
     return [folder / name for name in names]
 
 
@@ -255,7 +263,8 @@ def write_ensemble_report(
     made_with = bool(spec.get("tta"))
     tta = made_with if tta is None else tta
     runs = [Path(folder) / name for name in spec["members"]]
-    members = [read_report(r, needs=("params", "best_epoch", "train_seconds")) for r in runs]
+    members = [read_report(r, needs=("params", "epochs", "best_epoch", "train_seconds"))
+               for r in runs]
     configs = [TrainConfig.load(r / "config.json") for r in runs]
     first = configs[0]
     # Before scoring: a member replaced while it is scored (minutes) then differs from what the
@@ -275,6 +284,7 @@ def write_ensemble_report(
             "tta": tta,
             # The ensemble has no best epoch of its own: each member was picked at its own.
             "best_epoch": None, "member_best_epoch": [m["best_epoch"] for m in members],
+            "member_epochs": [m["epochs"] for m in members],
             "member_test_accuracy": accs,
             "member_test_accuracy_mean": sum(accs) / len(accs),
             "member_test_accuracy_min": min(accs),

@@ -35,6 +35,8 @@ def check_run(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise FileNotFoundError(f"{run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is a file, not a run or ensemble folder")
     # What `evaluate --out` writes: a report, no model, and no training's metrics.jsonl (a run
     # that lost its config.json and weights keeps that, and is told what it is missing).
     if (run_dir / "report.json").is_file() and not any(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
@@ -82,6 +83,15 @@ def create_app(classifier: Classifier) -> FastAPI:
     )
 
     app.add_middleware(LimitBody, limit=MAX_UPLOAD_BYTES + 4096)  # the image and the form's
+
+    @app.exception_handler(RequestValidationError)
+    async def no_image(request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer is a list of pydantic's findings; every error of this API is
+        # {"detail": "..."}, and the only thing a request can get wrong here is the image field.
+        found = "; ".join(f"{' '.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse(
+            {"detail": f"send the image as a file in the multipart form field 'image' ({found})"},
+            422)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -5,6 +5,7 @@ A run folder holds everything about a run:
     metrics.jsonl               one line per finished epoch
     checkpoint.safetensors      the last finished epoch: weights, EMA, optimizer state (resume)
     teacher_targets.safetensors with a teacher: its probabilities for the training images (resume)
+                                (both removed once the run is finished: `drop_resume_state`)
     model.safetensors           the weights kept: the last epoch's, or the best epoch's by
                                 validation accuracy (`select`)
     report.json + figures       written at the end by `evaluate.write_report`
@@ -37,7 +38,7 @@ from mnist_cnn.augment import (
     thicken,
     transform,
 )
-from mnist_cnn.config import CannotResume, TrainConfig, corrupt, write_atomic
+from mnist_cnn.config import CannotResume, Diverged, TrainConfig, corrupt, write_atomic
 from mnist_cnn.data import MNIST, TRAIN_SIZE, normalize
 from mnist_cnn.model import build_model
 
@@ -420,6 +421,17 @@ def run_finished(run_dir: Path) -> bool:
         not ckpt.is_file() or _read_checkpoint(ckpt)[1]["epoch"] >= epochs)
 
 
+UNIFORM_LOSS = math.log(10)  # the cross-entropy of guessing each digit at 10%
+
+
+def drop_resume_state(run_dir: Path) -> None:
+    """Remove what only resuming reads, once the run's report is written (it is finished, and
+    nothing resumes a finished run): the checkpoint is four times the kept weights (weights,
+    their average, Adam's two moments), 52 MB for the reference layers."""
+    for name in ("checkpoint.safetensors", TEACHER_FILE):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
 # What a run's report.json is read for (the command line's summary of it).
 REPORT_KEYS = ("test_accuracy", "test_errors", "val_accuracy", "epochs", "best_epoch",
                "train_seconds")
@@ -613,6 +625,7 @@ def train(
     resample = bool(
         max_rotation or cfg.max_shift or cfg.max_scale or cfg.max_shear or cfg.elastic > 0
     )
+    diverging = False  # warned of once
     try:
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -699,6 +712,11 @@ def train(
 
                 tdist.all_reduce(loss_sum)
                 tdist.all_reduce(correct)
+            if not torch.isfinite(loss_sum):  # every process sees the same sum: all stop here
+                raise Diverged(
+                    f"the training of {run_dir} diverged in epoch {epoch} (its loss is "
+                    f"{loss_sum.item() / n}): start a new run with a lower --lr (this one's: "
+                    f"{cfg.lr:g})")
             train_seconds = time.perf_counter() - t0
             if not dist.main:
                 continue
@@ -746,6 +764,13 @@ def train(
                 f"{' *' if state['best_epoch'] == epoch else '  '} | lr {lr:.2e} | "
                 f"{row['seconds']:.1f}s"
             )
+            if not cfg.teacher and row["train_loss"] > 2 * UNIFORM_LOSS and not diverging:
+                # Adam keeps its steps bounded, so far too high a rate rarely reaches nan: the
+                # loss climbs instead, above what guessing every digit at 10% scores (ln 10).
+                diverging = True
+                log(f"warning: the training loss ({row['train_loss']:.3g}) is above twice that "
+                    f"of a uniform guess ({UNIFORM_LOSS:.2f}): training is diverging; a lower "
+                    f"--lr than {cfg.lr:g} should help")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, evaluated)
     except KeyboardInterrupt:
