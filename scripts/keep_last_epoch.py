@@ -35,8 +35,6 @@ def keep_last(run: Path, out: Path, data) -> dict:
     history = read_history(run)
     if len(history) != cfg.epochs:
         sys.exit(f"{run} is not finished: {len(history)} of {cfg.epochs} epochs")
-    if not (run / "checkpoint.safetensors").is_file():
-        sys.exit(f"{run} has no checkpoint.safetensors to take the last epoch from")
     tensors, _ = read_safetensors(run / "checkpoint.safetensors")
     prefix = "ema." if cfg.ema > 0 else "model."
     model = prepare_model(cfg, CPU)
@@ -56,6 +54,12 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     source, target = Path(sys.argv[1]), Path(sys.argv[2])
+    # Every run checked before anything is written, so none is re-scored in vain.
+    missing = [r for r in (member_dirs(source) if is_ensemble(source) else [source])
+               if not (r / "checkpoint.safetensors").is_file()]
+    if missing:
+        sys.exit(f"{', '.join(map(str, missing))}: no checkpoint.safetensors to take the last "
+                 "epoch from")
     data = load_mnist(resolve_data_dir(None))
     if is_ensemble(source):
         runs = member_dirs(source)

@@ -111,6 +111,9 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_dir, capsys):
          "--max-rotation, --cutout have no effect with --fast"),
         (["ensemble", "--no-augment", "--clean-epochs", "3"],
          "--clean-epochs has no effect with --no-augment"),
+        # Members take seeds --seed, --seed + 1, ...: each within --seed's own limit.
+        (["ensemble", "--seed", "4294967295", "--models", "2"],
+         "would need seeds up to 4294967296, past the largest"),
     ],
 )
 def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):
@@ -121,6 +124,29 @@ def test_user_mistakes_get_one_clear_line(argv, message, capsys, monkeypatch, tm
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_training_whose_loss_is_not_a_number_stops_with_one_line(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "5", "--train-subset", "512", "--optimizer", "sgd", "--lr",
+                 "1e4", "--precision", "fp32", "--out", str(out), "--data-dir",
+                 str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"mnist-cnn: error: the training of {out} diverged in epoch" in err
+    assert "another --out) with a lower --lr (this one's: 10000)" in err
+
+
+def test_the_kept_epochs_of_an_ensemble_say_how_many_each_member_trained(capsys):
+    from mnist_cnn.cli import _print_report
+
+    report = {"test_accuracy": 0.99, "test_errors": 100, "val_accuracy": 0.99, "epochs": 30,
+              "best_epoch": None, "member_best_epoch": [29, 40], "member_epochs": [30, 40],
+              "train_seconds": 10.0}
+    _print_report(report, Path("ens"))
+    assert "kept epochs 29, 40 (of 30, 40 trained)" in capsys.readouterr().out
+    del report["member_epochs"]  # a report from before they were recorded: the first's count
+    _print_report(report, Path("ens"))
+    assert "kept epochs 29, 40 (of 30 trained)" in capsys.readouterr().out
 
 
 def test_padding_with_the_strong_model_is_noted_and_ignored(capsys):
@@ -352,6 +378,8 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
         (["evaluate", str(DEFAULT_MODEL), "--out", str(run)], "holds another run: its report.json"),
         (["evaluate", str(DEFAULT_MODEL), "--out", str(ens)], "holds an ensemble: its report.json"),
         (["evaluate", str(ens), *data], "member-0, member-1 not finished (or missing)"),
+        (["evaluate", str(a_file)], f"{a_file} is a file, not a run or ensemble folder"),
+        (["predict", "x.png", "--checkpoint", str(a_file)], "is a file, not a run or ensemble"),
         (["evaluate", str(DEFAULT_MODEL), "--tta", "on", *data], "apply to ensemble folders"),
     ):
         assert main(argv) == 2, argv
@@ -368,6 +396,11 @@ def test_folders_of_the_wrong_kind_and_damaged_ensembles(tmp_path, data_dir, cap
         assert main(["evaluate", str(ens), *data]) == 2
         err = capsys.readouterr().err
         assert "cannot be read as an ensemble's ensemble.json" in err and "Traceback" not in err
+    # A hand-made ensemble naming a run that is not there: no command to run again.
+    (ens / "ensemble.json").write_text('{"members": ["member-0", "../nope"]}')
+    assert main(["evaluate", str(ens), *data]) == 2
+    err = capsys.readouterr().err
+    assert "../nope not finished (or missing): every folder its ensemble.json names" in err, err
     # A finished member whose report.json lost a field it is read for.
     (ens / "ensemble.json").write_text('{"members": ["member-0"]}')
     report = json.loads((ens / "member-0" / "report.json").read_text())
@@ -488,7 +521,7 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
         assert (tmp_path / "mine").is_dir()
 
     def ctrl_c_while_preparing(cfg, run_dir, *a, **k):  # the model, the teacher's labels
-        run_dir.mkdir()
+        run_dir.mkdir(exist_ok=True)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:  # before train's epochs begin: the same, not a bare line
@@ -521,6 +554,12 @@ def test_interrupted_before_the_first_epoch_or_while_reporting(tmp_path, data_di
             assert main(["train", "--resume", str(launched), "--data-dir", str(data_dir)]) == 130
         assert (f"Continue with: {how} mnist-cnn train --resume {launched}"
                 in capsys.readouterr().err)
+    # Stopped while a resumed run prepares (before its next epoch): the same hint.
+    with monkeypatch.context() as m:
+        m.setattr(train, "train", ctrl_c_while_preparing)
+        assert main(["train", "--resume", str(launched), "--data-dir", str(data_dir)]) == 130
+        err = capsys.readouterr().err
+        assert f"its finished epochs are saved in {launched}" in err and "--resume" in err
     # Each process's share of a strong-model batch must hold two images (batch norm).
     with monkeypatch.context() as m:
         m.setattr(train, "distributed_setup", lambda device: (train.Dist(0, 2), "cpu"))

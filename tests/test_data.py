@@ -87,13 +87,18 @@ def test_missing_file_without_download(tmp_path):
         load_arrays(tmp_path, download=False)
 
 
-def test_swapped_file_is_rejected(tmp_path, data_dir):
+def test_swapped_file_is_rejected(tmp_path, data_dir, monkeypatch):
     # A real MNIST file under another file's name must not pass.
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(
         (data_dir / "t10k-images-idx3-ubyte.gz").read_bytes()
     )
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: has shape"):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: has shape.*; replace it "
+                       "with the original MNIST file"):
         load_arrays(tmp_path, download=False)
+    # Where missing files are downloaded, deleting a bad one gets a fresh copy: said so.
+    monkeypatch.setattr(data, "MIRRORS", ())  # (offline, should it look for another file)
+    with pytest.raises(DataError, match="; delete it and run again to download a fresh copy"):
+        load_arrays(tmp_path, progress=False)
 
 
 def test_download_tries_next_mirror_and_verifies(tmp_path, data_dir, monkeypatch):

@@ -29,7 +29,7 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, mnist, capsys)
     members = [json.loads((run / "report.json").read_text()) for run in member_dirs(folder)]
     assert report["member_best_epoch"] == [m["best_epoch"] for m in members]
     out = capsys.readouterr().out
-    assert report["best_epoch"] is None and "kept epoch 1, 1 of 1" in out
+    assert report["best_epoch"] is None and "kept epochs 1, 1 (of 1 trained)" in out
     assert "members (test-time augmentation): " in out
     for run in member_dirs(folder):
         assert (run / "report.json").exists() and (run / "model.safetensors").exists()
@@ -45,7 +45,7 @@ def test_ensemble_trains_reuses_and_evaluates(tmp_path, data_dir, mnist, capsys)
     assert out.count("finished earlier, reused") == 2 and "scored earlier" in out
     assert f"from {folder}/report.json" in out
     members_line = next(line for line in first_out.splitlines() if line.startswith("members"))
-    assert members_line in out.splitlines() and "kept epoch 1, 1 of 1" in out
+    assert members_line in out.splitlines() and "kept epochs 1, 1 (of 1 trained)" in out
     # Scored again when asked another way, or when a member is not the one scored (another
     # run's weights moved in keep their old timestamps: the report compares the files' bytes).
     assert up_to_date_report(folder, tta=True, device=CPU) == report

@@ -325,8 +325,12 @@ def test_the_teacher_probabilities_are_kept_and_labelled_once(
     monkeypatch.setattr(ensemble, "ensemble_probas",
                         lambda *a, **k: calls.append(1) or ensemble_probas(*a, **k))
     ens = tmp_path / "ens"
-    train_members(dataclasses.replace(one, teacher=str(teacher)), ens, 2, mnist, CPU, **quiet)
+    with monkeypatch.context() as m:  # finished members keep what they were given, to compare
+        m.setattr(ensemble, "drop_resume_state", lambda run: None)
+        train_members(dataclasses.replace(one, teacher=str(teacher)), ens, 2, mnist, CPU, **quiet)
     assert len(calls) == 1
+    assert torch.equal(kept_teacher_probabilities(ens / "member-0", two),
+                       kept_teacher_probabilities(ens / "member-1", two))
     # ... and not at all when the only member left resumes from the copy it kept.
     part = tmp_path / "part"
     with pytest.raises(Interrupted):

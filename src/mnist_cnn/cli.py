@@ -556,11 +556,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             _, model = load_run(run_dir, device)
             report = write_report(run_dir, run_dir, model, cfg, data, device, history)
-            drop_resume_state(run_dir)
         except KeyboardInterrupt:
             say(f"\nInterrupted while writing the report: every epoch is saved in {run_dir}.\n"
                 f"Finish it with: {resume}", file=sys.stderr)
             return 130
+        with contextlib.suppress(OSError):  # finished either way: its report is written
+            drop_resume_state(run_dir)
         _print_report(report, run_dir)
     _end_distributed(dist)
     return 0
@@ -642,7 +643,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if cfg.seed + args.models - 1 > SEED_MAX:
         raise UserError(f"--models {args.models} from --seed {cfg.seed} would need seeds up to "
                         f"{cfg.seed + args.models - 1}, past the largest, {SEED_MAX}: give a "
-                        "smaller --seed")
+                        "smaller --seed or fewer --models")
     folder = args.out or _new_run_dir()
     _check_out(folder, "--out")
     if not is_ensemble(folder):
@@ -813,16 +814,16 @@ def _escaping_stdout():
 
 
 def _print_report(report: dict, out: Path, wrote: bool = True) -> None:
-    kept = f"{report['best_epoch']} of {report['epochs']}"
+    kept = f"epoch {report['best_epoch']} of {report['epochs']} trained"
     if report["best_epoch"] is None and "member_best_epoch" in report:  # an ensemble
         best = report["member_best_epoch"]
         trained = report.get("member_epochs", [report["epochs"]] * len(best))  # (older reports)
-        kept = (f"{', '.join(map(str, best))} of {trained[0]}" if len(set(trained)) == 1
-                else ", ".join(f"{b} of {n}" for b, n in zip(best, trained, strict=True)))
+        of = trained[0] if len(set(trained)) == 1 else ", ".join(map(str, trained))
+        kept = f"epochs {', '.join(map(str, best))} (of {of} trained)"
     print(
         f"test accuracy {100 * report['test_accuracy']:.2f}% "
         f"({report['test_errors']} of 10,000 wrong), validation {100 * report['val_accuracy']:.2f}%"
-        f", kept epoch {kept} trained, "
+        f", kept {kept}, "
         f"{report['train_seconds']:.0f}s training\n"
         + (f"wrote {out}/report.json and figures" if wrote else f"from {out}/report.json")
     )
@@ -854,7 +855,8 @@ def main(argv: list[str] | None = None) -> int:
             args.images += extra  # file names after an option: `predict a.png --json b.png`
         else:
             hint = ("; an ensemble continues when the same command runs again (same --out)"
-                    if args.command == "ensemble" and "--resume" in extra else "")
+                    if args.command == "ensemble"
+                    and any(e.split("=")[0] == "--resume" for e in extra) else "")
             args.command_parsers[args.command].error(
                 f"unrecognized arguments: {' '.join(extra)}{hint}")
     # A termination request (`kill`, `timeout`, a job scheduler's time limit) stops the command

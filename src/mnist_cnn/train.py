@@ -715,8 +715,8 @@ def train(
             if not torch.isfinite(loss_sum):  # every process sees the same sum: all stop here
                 raise Diverged(
                     f"the training of {run_dir} diverged in epoch {epoch} (its loss is "
-                    f"{loss_sum.item() / n}): start a new run with a lower --lr (this one's: "
-                    f"{cfg.lr:g})")
+                    f"{loss_sum.item() / n}): start a new run (another --out) with a lower "
+                    f"--lr (this one's: {cfg.lr:g})")
             train_seconds = time.perf_counter() - t0
             if not dist.main:
                 continue
