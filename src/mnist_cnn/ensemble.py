@@ -8,6 +8,7 @@ member is resumed, so an interrupted `mnist-cnn ensemble` picks up where it stop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -160,7 +161,8 @@ def train_members(
               teacher_probs=teacher_probs)
         _, model = load_run(run, device)
         report = write_report(run, run, model, member_cfg, data, device)
-        drop_resume_state(run)
+        with contextlib.suppress(OSError):  # finished either way, as in `mnist-cnn train`
+            drop_resume_state(run)
         # Its own report, as `mnist-cnn train` scores it: the ensemble's may use TTA.
         log(f"{name}: test accuracy {100 * report['test_accuracy']:.2f}% "
             f"({report['test_errors']} wrong{', without test-time augmentation' if tta else ''})")
