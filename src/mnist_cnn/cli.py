@@ -560,8 +560,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             say(f"\nInterrupted while writing the report: every epoch is saved in {run_dir}.\n"
                 f"Finish it with: {resume}", file=sys.stderr)
             return 130
-        with contextlib.suppress(OSError):  # finished either way: its report is written
-            drop_resume_state(run_dir)
+        drop_resume_state(run_dir)
         _print_report(report, run_dir)
     _end_distributed(dist)
     return 0
@@ -629,8 +628,8 @@ def _note_if_unfinished(run_dir: Path, done: int, epochs: int, doing: str) -> No
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from mnist_cnn.ensemble import (
         RecipeMismatch,
+        foreign_members,
         is_ensemble,
-        member_names,
         read_spec,
         train_members,
         up_to_date_report,
@@ -652,9 +651,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
                             "choose another --out")
         _refuse_stray_results(folder, f"--out {folder}")
     else:
-        names = read_spec(folder)["members"]
-        other = [name for name, made in zip(names, member_names(len(names)), strict=True)
-                 if name != made]
+        other = foreign_members(read_spec(folder)["members"])
         if other:  # an ensemble.json written by hand, naming runs elsewhere: training replaces it
             raise UserError(f"--out {folder} is an ensemble of other runs ({', '.join(other[:2])}"
                             f"{', ...' if len(other) > 2 else ''}), not one this command "

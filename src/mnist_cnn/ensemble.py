@@ -8,7 +8,6 @@ member is resumed, so an interrupted `mnist-cnn ensemble` picks up where it stop
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -67,6 +66,13 @@ def member_names(models: int) -> list[str]:
     return [f"member-{k}" for k in range(models)]
 
 
+def foreign_members(names: list[str]) -> list[str]:
+    """The members an ensemble.json names that `mnist-cnn ensemble` did not make (not its
+    member-K folders, in order): a hand-made ensemble, of finished runs from anywhere."""
+    return [name for name, made in zip(names, member_names(len(names)), strict=True)
+            if name != made]
+
+
 def model_names(configs: list[TrainConfig]) -> str:
     """The models an ensemble averages, in words: "strong", or "m7/strong" for a hand-made mix."""
     return "/".join(sorted({c.model for c in configs}))
@@ -84,7 +90,7 @@ def ready_members(folder: Path) -> list[Path]:
     done = [run_finished(r) for r in members]
     if not all(done):
         unfinished = [name for name, d in zip(names, done, strict=True) if not d]
-        if names != member_names(len(names)):  # an ensemble.json written by hand
+        if foreign_members(names):  # an ensemble.json written by hand
             raise FileNotFoundError(
                 f"{folder}: {', '.join(unfinished)} not finished (or missing): every folder its "
                 "ensemble.json names (relative to it) must be a finished run")
@@ -161,8 +167,7 @@ def train_members(
               teacher_probs=teacher_probs)
         _, model = load_run(run, device)
         report = write_report(run, run, model, member_cfg, data, device)
-        with contextlib.suppress(OSError):  # finished either way, as in `mnist-cnn train`
-            drop_resume_state(run)
+        drop_resume_state(run)
         # Its own report, as `mnist-cnn train` scores it: the ensemble's may use TTA.
         log(f"{name}: test accuracy {100 * report['test_accuracy']:.2f}% "
             f"({report['test_errors']} wrong{', without test-time augmentation' if tta else ''})")

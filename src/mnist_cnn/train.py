@@ -14,6 +14,7 @@ Every file is replaced atomically, so a run killed at any moment loses at most t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -427,9 +428,11 @@ UNIFORM_LOSS = math.log(10)  # the cross-entropy of guessing each digit at 10%
 def drop_resume_state(run_dir: Path) -> None:
     """Remove what only resuming reads, once the run's report is written (it is finished, and
     nothing resumes a finished run): the checkpoint is four times the kept weights (weights,
-    their average, Adam's two moments), 52 MB for the reference layers."""
+    their average, Adam's two moments), 52 MB for the reference layers. Best effort: a file the
+    system will not let go of (a permission) leaves the run as finished as it is."""
     for name in ("checkpoint.safetensors", TEACHER_FILE):
-        (Path(run_dir) / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (Path(run_dir) / name).unlink(missing_ok=True)
 
 
 # What a run's report.json is read for (the command line's summary of it).
